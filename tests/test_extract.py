@@ -1,0 +1,208 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from nla_universal import activations, io
+from nla_universal.config import CorpusConfig, ModelSpec, load_pool
+from nla_universal.cli import main
+from nla_universal.corpus import build_passages, write_passages
+from nla_universal.errors import ConfigError, DataError
+from nla_universal.extract import ExtractConfig, extract
+from nla_universal.models import content_mask, load_model
+
+TINY = [
+    {"tag": "tiny-llama", "source": "random", "name": "llama", "layer": 1},
+    {"tag": "tiny-bloom", "source": "random", "name": "bloom", "layer": 1},
+    {"tag": "tiny-gemma3", "source": "random", "name": "gemma3_text", "layer": 2},
+]
+SPECIAL = "<|im_start|>Special tokens <|im_end|> must not enter the pooled mean of a passage about foxes."
+
+
+def write_pool(path: Path, models: list[dict], anchor: str = "tiny-llama") -> str:
+    path.write_text(yaml.safe_dump({"anchor": anchor, "models": models}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    table = build_passages(CorpusConfig(max_passages=24))
+    texts = table.column("text").to_pylist()
+    texts[0] = SPECIAL + " " + texts[0]
+    table = table.set_column(1, "text", pa.array(texts))
+    write_passages(table, run / "passages.parquet")
+    return run
+
+
+def cfg_for(run: Path, pool: str, **kw) -> ExtractConfig:
+    return ExtractConfig(run_dir=str(run), pool=pool, shard_size=10, batch_size=4, **kw)
+
+
+def manual_rows(spec: ModelSpec, texts: list[str], pool: str) -> np.ndarray:
+    """The straightforward reference: full model, hidden_states[K+1], one passage at a time."""
+    lm = load_model(spec)
+    rows = []
+    for text in texts:
+        enc = lm.tokenizer(text, return_tensors="pt", truncation=True, max_length=spec.max_length)
+        with torch.no_grad():
+            hs = lm.model(**enc, output_hidden_states=True).hidden_states[lm.layer + 1][0].float()
+        keep = content_mask(enc.input_ids, enc.attention_mask, lm.tokenizer)[0]
+        rows.append(hs[keep].mean(0) if pool == "mean" else hs[keep][-1])
+    return torch.stack(rows).numpy()
+
+
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_extraction_matches_full_model_hidden_states_over_content_tokens(tmp_path, run_dir, pool):
+    models = [dict(m, pool=pool) for m in TINY]
+    pool_file = write_pool(tmp_path / "pool.yaml", models)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "passages.parquet").write_bytes((run_dir / "passages.parquet").read_bytes())
+    extract(cfg_for(run, pool_file))
+    texts = pq.read_table(run / "passages.parquet").column("text").to_pylist()
+    for spec in load_pool(pool_file).models:
+        acts = activations.read_activations(run / "activations", spec.tag)
+        assert acts.X.shape == (len(texts), 64)
+        expected = manual_rows(spec, texts, pool)
+        np.testing.assert_allclose(acts.X, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_special_tokens_are_excluded_from_the_mean(run_dir, tmp_path):
+    pool_file = write_pool(tmp_path / "pool.yaml", TINY[:1])
+    extract(cfg_for(run_dir, pool_file, tags=["tiny-llama"]))
+    acts = activations.read_activations(run_dir / "activations", "tiny-llama")
+    lm = load_model(load_pool(pool_file).models[0])
+    text = pq.read_table(run_dir / "passages.parquet").column("text")[0].as_py()
+    enc = lm.tokenizer(text, return_tensors="pt", truncation=True, max_length=256)
+    keep = content_mask(enc.input_ids, enc.attention_mask, lm.tokenizer)[0]
+    assert (~keep).sum() >= 2, "the passage must contain special tokens for this test to mean anything"
+    with torch.no_grad():
+        hs = lm.model(**enc, output_hidden_states=True).hidden_states[2][0]
+    row = acts.X[0]
+    np.testing.assert_allclose(row, hs[keep].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(row, hs.mean(0).numpy(), atol=1e-3)
+    assert acts.n_tokens[0] == int(keep.sum())
+
+
+def test_positions_pooling_is_deterministic_and_on_content_tokens(tmp_path, run_dir):
+    models = [dict(TINY[0], pool="positions", positions_per_passage=3)]
+    pool_file = write_pool(tmp_path / "pool.yaml", models)
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "passages.parquet").write_bytes((run_dir / "passages.parquet").read_bytes())
+        extract(cfg_for(run, pool_file))
+        runs.append(activations.read_activations(run / "activations", "tiny-llama"))
+    a, b = runs
+    assert a.positions is not None and np.array_equal(a.positions, b.positions) and np.array_equal(a.X, b.X)
+    assert len(a.passage_ids) == 3 * len(set(a.passage_ids))
+    assert (a.positions >= 0).all() and (a.positions < a.n_tokens.max() + 2).all()
+
+
+def test_rerun_skips_complete_tags_and_config_change_is_refused(tmp_path, run_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "passages.parquet").write_bytes((run_dir / "passages.parquet").read_bytes())
+    pool_file = write_pool(tmp_path / "pool.yaml", TINY[:1])
+    extract(cfg_for(run, pool_file))
+    shard = activations.shard_path(run / "activations" / "tiny-llama", 0)
+    stamp = shard.stat().st_mtime_ns
+    extract(cfg_for(run, pool_file))
+    assert shard.stat().st_mtime_ns == stamp
+    # A changed layer must not mix with the old rows: the incomplete folder is refused...
+    (run / "activations" / "tiny-llama" / io.SUCCESS).unlink()
+    pool2 = write_pool(tmp_path / "pool2.yaml", [dict(TINY[0], layer=2)])
+    with pytest.raises(DataError, match="layer: 1 → 2"):
+        extract(cfg_for(run, pool2))
+    # ...or discarded on request.
+    extract(cfg_for(run, pool2, overwrite=True))
+    assert activations.read_activations(run / "activations", "tiny-llama").meta["layer"] == 2
+
+
+def _slow_pool(tmp_path: Path) -> str:
+    big = {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536, "num_attention_heads": 6, "num_key_value_heads": 2}
+    return write_pool(tmp_path / "slow.yaml", [dict(TINY[0], layer=4, random_overrides=big)])
+
+
+def test_kill_and_resume_gives_the_same_shards(tmp_path):
+    table = build_passages(CorpusConfig(max_passages=96))
+    runs = {}
+    for name in ("killed", "clean"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        write_passages(table, runs[name] / "passages.parquet")
+    pool_file = _slow_pool(tmp_path)
+    args = [sys.executable, "-m", "nla_universal.cli", "extract", f"pool={pool_file}", "shard_size=8", "batch_size=4"]
+    extract(ExtractConfig(run_dir=str(runs["clean"]), pool=pool_file, shard_size=8, batch_size=4))
+    folder = runs["killed"] / "activations" / "tiny-llama"
+    proc = subprocess.Popen(args + [f"run_dir={runs['killed']}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not activations.shard_path(folder, 1).exists():
+        assert proc.poll() is None and time.time() < deadline, "extraction ended before it could be interrupted"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not io.is_complete(folder)
+    n_before = len(activations.complete_shards(folder))
+    assert 2 <= n_before < 12
+    with pytest.raises(DataError, match="incomplete"):
+        activations.read_activations(runs["killed"] / "activations", "tiny-llama")
+    assert subprocess.run(args + [f"run_dir={runs['killed']}"], capture_output=True).returncode == 0
+    a = activations.read_activations(runs["killed"] / "activations", "tiny-llama")
+    b = activations.read_activations(runs["clean"] / "activations", "tiny-llama")
+    assert a.passage_ids == b.passage_ids and np.array_equal(a.X, b.X)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "models, message",
+    [
+        ([dict(TINY[0], tag="Tiny.Llama")], "invalid tag"),
+        ([dict(TINY[0], tag="tiny/llama")], "invalid tag"),
+        ([TINY[0], TINY[0]], "duplicate tag"),
+        ([dict(TINY[0], layer=3)], "layer"),
+    ],
+)
+def test_bad_pool_entries_fail_clearly_and_write_nothing(tmp_path, run_dir, capsys, models, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "passages.parquet").write_bytes((run_dir / "passages.parquet").read_bytes())
+    pool_file = write_pool(tmp_path / "pool.yaml", models, anchor=models[0]["tag"])
+    assert main(["extract", f"run_dir={run}", f"pool={pool_file}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "fix:" in err
+    assert not any(io.is_complete(p) for p in (run / "activations").glob("*")) if (run / "activations").exists() else True
+
+
+def test_unknown_tag_and_missing_passages(tmp_path, run_dir):
+    pool_file = write_pool(tmp_path / "pool.yaml", TINY[:1])
+    with pytest.raises(ConfigError, match="unknown tag"):
+        extract(cfg_for(run_dir, pool_file, tags=["nope"]))
+    with pytest.raises(DataError, match="corpus"):
+        extract(cfg_for(tmp_path / "empty", pool_file))
+
+
+def test_inf_forward_names_tag_and_passages_unless_dropped(tmp_path, run_dir):
+    models = [dict(TINY[0], tag="tiny-inf", random_overrides={"initializer_range": 1e30})]
+    pool_file = write_pool(tmp_path / "pool.yaml", models, anchor="tiny-inf")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "passages.parquet").write_bytes((run_dir / "passages.parquet").read_bytes())
+    with pytest.raises(DataError, match=r"tiny-inf: non-finite activations .*dtype"):
+        extract(cfg_for(run, pool_file))
+    assert not io.is_complete(run / "activations" / "tiny-inf")
+    assert not activations.complete_shards(run / "activations" / "tiny-inf")
+    extract(cfg_for(run, pool_file, drop_nonfinite=True))
+    meta = io.read_yaml(run / "activations" / "tiny-inf" / "meta.yaml")
+    assert meta["dropped_nonfinite"] == 24 and meta["n_rows"] == 0
