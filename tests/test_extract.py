@@ -18,12 +18,12 @@ from nla_universal.cli import main
 from nla_universal.corpus import build_passages, write_passages
 from nla_universal.errors import ConfigError, DataError
 from nla_universal.extract import ExtractConfig, extract
-from nla_universal.models import content_mask, load_model
+from nla_universal.models import content_mask, input_embedding, load_model
 
 TINY = [
     {"tag": "tiny-llama", "source": "random", "name": "llama", "layer": 1},
     {"tag": "tiny-bloom", "source": "random", "name": "bloom", "layer": 1},
-    {"tag": "tiny-gemma3", "source": "random", "name": "gemma3_text", "layer": 2},
+    {"tag": "tiny-gemma3", "source": "random", "name": "gemma3_text", "layer": 1},
 ]
 SPECIAL = "<|im_start|>Special tokens <|im_end|> must not enter the pooled mean of a passage about foxes."
 
@@ -194,7 +194,13 @@ def test_unknown_tag_and_missing_passages(tmp_path, run_dir):
 
 
 def test_inf_forward_names_tag_and_passages_unless_dropped(tmp_path, run_dir):
-    models = [dict(TINY[0], tag="tiny-inf", random_overrides={"initializer_range": 1e30})]
+    # A local hf folder whose weights overflow in the forward: the hf source on a real folder, too.
+    lm = load_model(ModelSpec(**TINY[0]))
+    with torch.no_grad():
+        input_embedding(lm.model).weight.fill_(float("inf"))
+    lm.model.save_pretrained(tmp_path / "inf-model")
+    lm.tokenizer.save_pretrained(tmp_path / "inf-model")
+    models = [{"tag": "tiny-inf", "source": "hf", "name": str(tmp_path / "inf-model"), "layer": 1}]
     pool_file = write_pool(tmp_path / "pool.yaml", models, anchor="tiny-inf")
     run = tmp_path / "run"
     run.mkdir()
