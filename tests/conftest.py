@@ -1,0 +1,39 @@
+"""Shared test fixtures.
+
+Converted packaged models and materialised random models go to one cache under the repo
+(`.cache/test-models`, gitignored), so the GGUF conversions happen once and are reused by later
+sessions. Set before any test module imports nla_universal: some config defaults read it at import.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("NLA_UNIVERSAL_CACHE", str(REPO / ".cache" / "test-models"))
+
+from nla_universal.config import ModelSpec, PoolConfig, load_pool  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pool() -> PoolConfig:
+    """configs/pools/tiny-all.yaml: one tiny random model per supported architecture family."""
+    return load_pool("tiny-all")
+
+
+@pytest.fixture(scope="session")
+def demo_pool() -> PoolConfig:
+    return load_pool("demo")
+
+
+@pytest.fixture(scope="session")
+def smollm2_spec(demo_pool) -> ModelSpec:
+    """The real SmolLM2-135M-Instruct (packaged GGUF), as the demo pool lists it."""
+    return demo_pool.spec("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_spec(demo_pool) -> ModelSpec:
+    """The real Gemma 3 270M (packaged GGUF), as the demo pool lists it."""
+    return demo_pool.spec("gemma3-270m")
