@@ -30,6 +30,16 @@ STAGES: dict[str, Stage] = {
     "corpus": Stage("stages", "CorpusStageConfig", "run_corpus", "build passages.parquet (stable ids, train/val/test split)"),
     "pool": Stage("stages", "PoolStageConfig", "run_pool", "show a pool: tags, sources, layers, dims"),
     "extract": Stage("extract", "ExtractConfig", "extract", "activations of every pooled model at its layer"),
+    "teach": Stage("stages", "TeachStageConfig", "run_teach", "one teacher explanation z per passage"),
+    "fit-adapters": Stage("stages", "FitAdaptersConfig", "run_fit_adapters", "least-squares enc_M (vs the anchor) and linear-ceiling dec_M"),
+    "sft-ar": Stage("train.sft_ar", "ARSFTConfig", "run_sft_ar", "AR SFT: teacher z → enc_M(h) (creates the bundle)"),
+    "sft-av": Stage("train.sft_av", "AVSFTConfig", "run_sft_av", "AV SFT: injected enc_M(h) → teacher z"),
+    "refit-dec": Stage("train.refit", "RefitConfig", "run_refit_dec", "dec_M by least squares on the AR's outputs"),
+    "add-model": Stage("train.add_model", "AddModelConfig", "run_add_model", "add a held-out model to a trained bundle"),
+    "eval": Stage("evaluate_nla", "EvalConfig", "run_eval", "score every tag on the test split with baselines and controls"),
+    "verbalize": Stage("nla.cli_ops", "VerbalizeConfig", "verbalize_cmd", "explain activations in words with a bundle"),
+    "reconstruct": Stage("nla.cli_ops", "ReconstructConfig", "reconstruct_cmd", "map explanations back to activations"),
+    "quickstart": Stage("quickstart", "QuickstartConfig", "run_quickstart", "the whole pipeline end to end on a preset"),
 }
 
 
@@ -51,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=stage.summary, description=stage.summary, add_help=False)
         p.add_argument("-h", "--help", action="store_true", help="show this stage's options")
         p.add_argument("-c", "--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
+        if name == "quickstart":
+            p.add_argument("--preset", help="smoke | default | gpu (same as preset=NAME)")
+            p.add_argument("--out", help="output folder (same as out=DIR)")
         p.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -66,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: nla-universal {args.stage} [-c FILE.yaml ...] [key=value ...]\n\n{STAGES[args.stage].summary}\n\noptions:")
         print("\n".join(describe(schema)))
         return 0
+    overrides = list(args.overrides)
+    for flag in ("preset", "out"):
+        if getattr(args, flag, None):
+            overrides.append(f"{flag}={getattr(args, flag)}")
     try:
-        cfg = load_config(schema, args.config, args.overrides)
+        cfg = load_config(schema, args.config, overrides)
         run(cfg)
     except NLAError as exc:
         print(f"error: {exc.problem}", file=sys.stderr)

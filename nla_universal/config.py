@@ -201,20 +201,24 @@ def load_pool(name_or_path: str) -> PoolConfig:
     return validate_pool(load_config(PoolConfig, [str(resolve_config_path(name_or_path, "pools"))]))
 
 
-def describe(schema: type, prefix: str = "") -> list[str]:
-    """One line per option: key, default, help (for --help)."""
+def describe(schema: Any, prefix: str = "") -> list[str]:
+    """One line per option: key, default, help (for --help). Takes a config class or instance."""
     lines: list[str] = []
-    hints = typing.get_type_hints(schema)
-    for f in dataclasses.fields(schema):
+    cls = schema if isinstance(schema, type) else type(schema)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines += describe(hints[f.name], key + ".")
-            continue
-        if f.default is not dataclasses.MISSING and f.default is not MISSING:
-            default = repr(f.default)
+        if not isinstance(schema, type):
+            value = getattr(schema, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = repr(f.default_factory())  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
         else:
-            default = "(required)"
-        lines.append(f"  {key} = {default}\n      {f.metadata.get('help', '')}")
+            value = MISSING
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(value if dataclasses.is_dataclass(value) else hints[f.name], key + ".")
+            continue
+        shown = "(required)" if value is MISSING else repr(value)
+        lines.append(f"  {key} = {shown}\n      {f.metadata.get('help', '')}")
     return lines

@@ -1,14 +1,18 @@
-"""Small stages of the CLI that only wire a core module to its config: `corpus` and `pool`."""
+"""Small CLI stages that only wire a core module to its config: corpus, pool, fit-adapters, teach."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import io
+from .adapters import AdapterFitConfig, fit_pool_adapters
 from .config import CorpusConfig, default_cache_dir, load_pool, opt
 from .corpus import build_passages, fingerprint, read_passages, write_passages
 from .errors import DataError
+from .teacher import TeacherConfig, teach
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +68,33 @@ def run_pool(cfg: PoolStageConfig) -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+@dataclass
+class FitAdaptersConfig:
+    run_dir: str = opt("runs/demo", "run folder: reads passages.parquet and activations/, writes adapters/")
+    pool: str = opt("demo", "pool YAML path, or the name of one in configs/pools/")
+    fit: AdapterFitConfig = opt(help="the least-squares solve", factory=AdapterFitConfig)
+
+
+def run_fit_adapters(cfg: FitAdaptersConfig) -> Path:
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / "adapters"
+    fit_pool_adapters(run_dir / "activations", run_dir / "passages.parquet", load_pool(cfg.pool), out, cfg.fit)
+    print(out)
+    return out
+
+
+@dataclass
+class TeachStageConfig:
+    run_dir: str = opt("runs/demo", "run folder: fills z and teacher in passages.parquet")
+    teacher: TeacherConfig = opt(help="the teacher", factory=TeacherConfig)
+    cache_dir: str = opt(default_cache_dir(), "reply cache and converted models")
+
+
+def run_teach(cfg: TeachStageConfig) -> dict:
+    report = teach(Path(cfg.run_dir) / "passages.parquet", cfg.teacher, cache_dir=cfg.cache_dir, model_cache_dir=cfg.cache_dir)
+    summary = report.to_dict()
+    io.write_text(Path(cfg.run_dir) / "teach_report.json", json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("teacher", "valid", "invalid", "failed", "seconds")}))
+    return summary

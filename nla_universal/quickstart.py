@@ -1,0 +1,157 @@
+"""`nla-universal quickstart`: the whole universal NLA end to end, on a preset sized for the machine.
+
+Pool: the packaged SmolLM2-135M-Instruct (trunk and anchor), a few tiny random-weight architectures
+in the training pool (coverage only — labelled as such everywhere), and the packaged Gemma-3-270M
+added afterwards as a held-out model. Stages: corpus → extract → teach → fit-adapters → sft-ar →
+sft-av → refit-dec → add-model (Gemma) → eval. Every stage skips or resumes what is already done,
+so rerunning an interrupted (or finished) quickstart continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from . import io
+from .config import CorpusConfig, ModelSpec, PoolConfig, default_cache_dir, opt
+from .errors import ConfigError
+from .extract import ExtractConfig, extract
+from .stages import CorpusStageConfig, FitAdaptersConfig, TeachStageConfig, run_corpus, run_fit_adapters, run_teach
+from .teacher import TeacherConfig
+from .train.add_model import AddModelConfig, run_add_model
+from .train.data import mark_stage_done, stage_done
+from .train.loop import LoopConfig
+from .train.refit import RefitConfig, run_refit_dec
+from .train.sft_ar import ARSFTConfig, run_sft_ar
+from .train.sft_av import AVSFTConfig, run_sft_av
+from .train.workspace import RunConfig
+
+log = logging.getLogger(__name__)
+
+ANCHOR = ModelSpec(tag="smollm2-135m", source="packaged", name="smollm2-135m-instruct", depth=0.5, dtype="bfloat16")
+HELD_OUT = ModelSpec(tag="gemma3-270m", source="packaged", name="gemma3-270m", depth=0.5, dtype="bfloat16", held_out=True)
+RANDOM = [ModelSpec(tag="random-gpt2", source="random", name="gpt2", layer=1),
+          ModelSpec(tag="random-qwen3", source="random", name="qwen3", layer=1)]
+
+PRESETS: dict[str, dict] = {
+    # ≤ 3 min on the 2-core CPU machine once the packaged models are converted: plumbing, not quality.
+    "smoke": dict(passages=100, teacher_tokens=32, ar_steps=6, av_steps=6, batch=4, refit_train=24, refit_val=6,
+                  test=8, gen_tokens=24, min_overlap=16, n_boot=200, random=1),
+    # ≤ 20 min on the 2-core CPU machine.
+    "default": dict(passages=600, teacher_tokens=48, ar_steps=150, av_steps=200, batch=8, refit_train=128, refit_val=32,
+                    test=0, gen_tokens=40, min_overlap=32, n_boot=1000, random=2),
+    # one GPU: more text, more steps.
+    "gpu": dict(passages=2000, teacher_tokens=64, ar_steps=1000, av_steps=1500, batch=16, refit_train=512, refit_val=128,
+                test=0, gen_tokens=64, min_overlap=32, n_boot=1000, random=2),
+}
+
+
+@dataclass
+class QuickstartConfig:
+    preset: str = opt("default", f"size of the run: {' | '.join(PRESETS)}")
+    out: str = opt("runs/quickstart", "output folder (the run folder: bundle, reports, plots)")
+    device: str = opt("auto", "cpu | cuda | auto")
+    cache_dir: str = opt(default_cache_dir(), "where converted packaged / random models are cached")
+
+
+def pool_for(p: dict) -> PoolConfig:
+    return PoolConfig(anchor=ANCHOR.tag, models=[ANCHOR, *RANDOM[: p["random"]]])
+
+
+class StageTimer:
+    """Wall time and peak RSS of each stage (the kernel's high-water mark, reset between stages)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    @staticmethod
+    def _reset_peak() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _peak_mib() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def run(self, name: str, fn: Callable[[], object]):
+        per_stage = self._reset_peak()
+        start = time.time()
+        result = fn()
+        self.rows.append({"stage": name, "seconds": round(time.time() - start, 1), "peak_rss_mib": round(self._peak_mib()),
+                          "peak_is_per_stage": per_stage})
+        log.info("quickstart: %s done in %.1fs", name, self.rows[-1]["seconds"])
+        return result
+
+
+def timings_markdown(rows: list[dict]) -> str:
+    lines = ["## Stage timings", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['seconds']} | {r['peak_rss_mib']} |" for r in rows]
+    lines.append(f"| **total** | {round(sum(r['seconds'] for r in rows), 1)} | |")
+    return "\n".join(lines)
+
+
+def run_quickstart(cfg: QuickstartConfig) -> Path:
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {cfg.preset!r}", f"use one of {sorted(PRESETS)}")
+    from .evaluate_nla import EvalConfig, run_eval
+
+    p = PRESETS[cfg.preset]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = pool_for(p)
+    pool_file = out / "pool.yaml"
+    io.write_yaml(pool_file, {"anchor": pool.anchor, "models": [m.__dict__ for m in pool.models]})
+    run = RunConfig(run_dir=str(out), pool=str(pool_file), device=cfg.device, cache_dir=cfg.cache_dir)
+    loop = dict(batch_size=p["batch"], eval_every=0, checkpoint_every=25)
+    t = StageTimer()
+    t.run("corpus", lambda: run_corpus(CorpusStageConfig(run_dir=str(out), corpus=CorpusConfig(max_passages=p["passages"]))))
+    t.run("extract", lambda: extract(ExtractConfig(run_dir=str(out), pool=str(pool_file), device=cfg.device, cache_dir=cfg.cache_dir)))
+    t.run("teach", lambda: run_teach(TeachStageConfig(run_dir=str(out), cache_dir=cfg.cache_dir,
+                                                      teacher=TeacherConfig(max_tokens=p["teacher_tokens"], batch_size=8))))
+    fit = FitAdaptersConfig(run_dir=str(out), pool=str(pool_file))
+    fit.fit.min_overlap = p["min_overlap"]
+    t.run("fit-adapters", lambda: run_fit_adapters(fit))
+    t.run("sft-ar", lambda: run_sft_ar(ARSFTConfig(run=run, loop=LoopConfig(steps=p["ar_steps"], lr=2e-4, **loop))))
+    t.run("sft-av", lambda: run_sft_av(AVSFTConfig(run=run, loop=LoopConfig(steps=p["av_steps"], lr=5e-4, **loop),
+                                                   max_new_tokens=p["gen_tokens"])))
+    refit = RefitConfig(run=run, train_passages=p["refit_train"], val_passages=p["refit_val"], max_new_tokens=p["gen_tokens"])
+    refit.fit.min_overlap = p["min_overlap"]
+    t.run("refit-dec", lambda: run_refit_dec(refit))
+    add = AddModelConfig(run=run, model=replace(HELD_OUT), train_passages=p["refit_train"], val_passages=p["refit_val"],
+                         max_new_tokens=p["gen_tokens"])
+    add.fit.min_overlap = p["min_overlap"]
+
+    def add_held_out():
+        settings = {"model": HELD_OUT.__dict__, "preset": p}
+        if stage_done(out, "add-model", settings) is None:
+            started = time.time()
+            mark_stage_done(out, "add-model", settings, started, result=run_add_model(add))
+
+    t.run("add-model", add_held_out)
+    ev = EvalConfig(run=run, test_passages=p["test"], max_new_tokens=p["gen_tokens"], n_boot=p["n_boot"], out=str(out / "eval"))
+    result = t.run("eval", lambda: run_eval(ev))
+    text = Path(result["files"]["markdown"]).read_text()
+    header = (f"# nla-universal quickstart ({cfg.preset})\n\nPool: trunk/anchor {ANCHOR.tag} (real, packaged); "
+              f"held out {HELD_OUT.tag} (real, packaged; only its adapters were fitted); "
+              f"{', '.join(m.tag for m in RANDOM[: p['random']])}: **random-weight** tiny models for architecture coverage.\n\n")
+    io.write_text(out / "report.md", header + text + "\n\n" + timings_markdown(t.rows) + "\n")
+    io.write_text(out / "timings.json", json.dumps(t.rows, indent=2))
+    (out / "fve_report.json").write_text((out / "eval" / "fve_report.json").read_text())
+    print(yaml.safe_dump({"report": str(out / "report.md"), "bundle": str(out / "bundle")}, sort_keys=False))
+    return out

@@ -1,0 +1,120 @@
+"""AV SFT: teach the verbalizer to write the teacher's z for the injected enc_M(n(h_M)).
+
+Target: `<explanation>\\n{z}\\n</explanation>` + EOS, loss on response tokens only. enc_M is trained
+jointly (its own lr) or frozen. Every eval also generates for a fixed val sample and watches the
+share of distinct explanations: an AV that collapses to one template (the seed's v2/v7) is flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import load_pool, opt
+from ..extract import resolve_device
+from ..metrics import distinct_share
+from ..rollout import SamplingParams
+from .data import TagRows, example_index, gather, mark_stage_done, passages_with_z, stage_done, tag_rows, teacher_of, trained_tags
+from .loop import LoopConfig, named_trainable, train
+from .workspace import RunConfig, bundle_teacher_check, open_bundle, save_bundle, settings
+
+log = logging.getLogger(__name__)
+STAGE = "sft-av"
+
+
+@dataclass
+class AVSFTConfig:
+    run: RunConfig = opt(help="run folder, pool, device", factory=RunConfig)
+    loop: LoopConfig = opt(help="optimisation", factory=lambda: LoopConfig(steps=200, batch_size=8, lr=5e-4))
+    train_enc: bool = opt(False, "train every enc_M jointly with the AV (the anchor's stays the identity)")
+    enc_lr: float = opt(2e-4, "learning rate of enc_M when train_enc")
+    val_passages: int = opt(32, "val passages per tag for the validation loss")
+    collapse_sample: int = opt(16, "val passages generated at each eval to measure distinct_z")
+    collapse_threshold: float = opt(0.5, "warn when the share of distinct explanations falls below this")
+    max_new_tokens: int = opt(48, "generation length at eval")
+
+
+def collapse_alarm(texts: list[str], threshold: float) -> float:
+    """distinct_z of a sample; logs a loud warning below threshold."""
+    share = distinct_share(texts)
+    if share < threshold:
+        log.warning(
+            "AV COLLAPSE: only %.0f%% of %d explanations are distinct (threshold %.0f%%); the AV is writing one "
+            "template regardless of the vector. Lower the lr, raise the LoRA rank, or check the injection scale.",
+            100 * share, len(texts), 100 * threshold,
+        )
+    return share
+
+
+def _vectors(nla, rows: dict[str, TagRows], pairs: list[tuple[str, int]]) -> torch.Tensor:
+    """enc_M(n(h)) for a batch, in batch order, with gradients into enc_M when it trains."""
+    out = [None] * len(pairs)
+    for tag, (positions, H) in gather(rows, pairs).items():
+        v = nla.adapters.encode(tag, H.to(next(nla.adapters.parameters()).device))
+        for k, pos in enumerate(positions):
+            out[pos] = v[k]
+    return torch.stack(out)
+
+
+def run_sft_av(cfg: AVSFTConfig) -> dict:
+    run_dir = Path(cfg.run.run_dir)
+    record = stage_done(run_dir, STAGE, settings(cfg))
+    if record:
+        log.info("%s: done already (%s)", STAGE, record.get("final"))
+        return record
+    started = time.time()
+    pool = load_pool(cfg.run.pool)
+    table = passages_with_z(run_dir)
+    nla = open_bundle(cfg.run, pool)
+    bundle_teacher_check(nla, teacher_of(table))
+    tags = trained_tags(pool)
+    rows = {t: tag_rows(run_dir, table, t, "train", need_z=True) for t in tags}
+    val = {t: tag_rows(run_dir, table, t, "val", need_z=True, limit=cfg.val_passages) for t in tags}
+    examples, val_examples = example_index(rows), example_index(val)
+    probe = [val_examples[i] for i in np.random.default_rng(0).permutation(len(val_examples))[: cfg.collapse_sample]]
+    av = nla.av
+    for p in nla.adapters.parameters():
+        p.requires_grad_(False)
+    groups = [{"params": [p for p in av.model.parameters() if p.requires_grad]}]
+    named = named_trainable([("av", av.model)])
+    if cfg.train_enc:
+        enc = [m for tag, m in nla.adapters.encoders.items() if tag in tags and tag != pool.anchor]
+        for m in enc:
+            m.requires_grad_(True)
+        groups.append({"params": [p for m in enc for p in m.parameters()], "lr": cfg.enc_lr})
+        named.update(named_trainable([(f"enc.{tag}", m) for tag, m in nla.adapters.encoders.items() if tag in tags and tag != pool.anchor]))
+    device = resolve_device(cfg.run.device)
+
+    def loss_fn(idx: np.ndarray):
+        pairs = [examples[i] for i in idx]
+        batch = av.build_sft_batch(_vectors(nla, rows, pairs), [t for t, _ in pairs], [rows[t].z[i] for t, i in pairs])
+        return av.sft_loss(batch), {}
+
+    def eval_fn(step: int) -> dict[str, float]:
+        av.model.eval()
+        with torch.no_grad():
+            losses = []
+            for k in range(0, len(val_examples), cfg.loop.batch_size):
+                pairs = val_examples[k:k + cfg.loop.batch_size]
+                batch = av.build_sft_batch(_vectors(nla, val, pairs), [t for t, _ in pairs], [val[t].z[i] for t, i in pairs])
+                losses.append(float(av.sft_loss(batch)) * len(pairs))
+            texts = [e.text for e in av.explain(_vectors(nla, val, probe), [t for t, _ in probe],
+                                                 SamplingParams(greedy=True, max_new_tokens=cfg.max_new_tokens))]
+        av.model.train()
+        share = collapse_alarm(texts, cfg.collapse_threshold)
+        log.info("%s step %d: e.g. %r", STAGE, step, texts[0][:120])
+        return {"loss": sum(losses) / len(val_examples), "distinct_z": share}
+
+    av.model.train()
+    final = train(out_dir=run_dir / STAGE, named_params=named, param_groups=groups, n_examples=len(examples),
+                  loss_fn=loss_fn, eval_fn=eval_fn, cfg=cfg.loop, device=device, desc=STAGE)
+    final = final or eval_fn(cfg.loop.steps)
+    for p in nla.adapters.parameters():
+        p.requires_grad_(False)
+    save_bundle(nla, cfg.run)
+    return mark_stage_done(run_dir, STAGE, settings(cfg), started, final=final, examples=len(examples))

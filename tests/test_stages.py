@@ -1,0 +1,178 @@
+"""The supervised stages on tiny random trunks: each must change what it claims to, and resume exactly."""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from nla_universal.config import CorpusConfig, ModelSpec
+from nla_universal.corpus import build_passages, read_passages, write_passages
+from nla_universal.errors import DataError
+from nla_universal.evaluate_nla import EvalConfig, run_eval
+from nla_universal.extract import ExtractConfig, extract
+from nla_universal.nla.av import AVConfig
+from nla_universal.nla.lora import LoraSettings
+from nla_universal.stages import FitAdaptersConfig, run_fit_adapters
+from nla_universal.train import loop as loop_module
+from nla_universal.train.add_model import AddModelConfig, run_add_model
+from nla_universal.train.loop import LoopConfig
+from nla_universal.train.refit import RefitConfig, run_refit_dec
+from nla_universal.train.sft_ar import ARSFTConfig, run_sft_ar
+from nla_universal.train.sft_av import AVSFTConfig, collapse_alarm, run_sft_av
+from nla_universal.train.workspace import BundleInitConfig, RunConfig
+
+TEACHER = "fixture:first-sentence"
+POOL = {"anchor": "tiny-llama", "models": [
+    {"tag": "tiny-llama", "source": "random", "name": "llama", "layer": 1},
+    {"tag": "tiny-gpt2", "source": "random", "name": "gpt2", "layer": 1},
+]}
+FAST = dict(batch_size=4, eval_every=0, checkpoint_every=2, autocast="off", warmup_steps=1)
+
+
+def first_sentence(text: str) -> str:
+    """A deterministic stand-in teacher: the passage's first sentence (real text, passage-specific)."""
+    return re.split(r"(?<=[.!?])\s", " ".join(text.split()))[0][:160]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """passages with z, activations and fitted adapters for the tiny pool."""
+    run = tmp_path_factory.mktemp("tiny-run")
+    table = build_passages(CorpusConfig(max_passages=120))
+    z = [first_sentence(t) for t in table.column("text").to_pylist()]
+    table = table.append_column("z", pa.array(z)).append_column("teacher", pa.array([TEACHER] * len(z)))
+    write_passages(table, run / "passages.parquet")
+    (run / "pool.yaml").write_text(yaml.safe_dump(POOL))
+    extract(ExtractConfig(run_dir=str(run), pool=str(run / "pool.yaml")))
+    fit = FitAdaptersConfig(run_dir=str(run), pool=str(run / "pool.yaml"))
+    fit.fit.min_overlap = 8
+    run_fit_adapters(fit)
+    return run
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name in ("passages.parquet", "pool.yaml"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    for sub in ("activations", "adapters"):
+        for f in (src / sub).rglob("*"):
+            if f.is_file():
+                (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                (dst / f.relative_to(src)).write_bytes(f.read_bytes())
+    return dst
+
+
+def run_cfg(run: Path) -> RunConfig:
+    return RunConfig(run_dir=str(run), pool=str(run / "pool.yaml"))
+
+
+def small_init() -> BundleInitConfig:
+    return BundleInitConfig(av=AVConfig(lora=LoraSettings(r=4, alpha=8)))
+
+
+def ar_sft(run: Path, steps: int, lr: float = 3e-3) -> dict:
+    return run_sft_ar(ARSFTConfig(run=run_cfg(run), init=small_init(), loop=LoopConfig(steps=steps, lr=lr, **FAST), val_passages=8))
+
+
+def bundle_tensors(run: Path, part: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run / "bundle" / part).glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def test_ar_sft_lowers_the_val_loss(prepared, tmp_path):
+    run = copy_run(prepared, tmp_path / "run")
+    record = ar_sft(run, steps=16)
+    assert record["final"]["mse_nrm"] < record["before"]["mse_nrm"]
+    head = bundle_tensors(run, "ar")["value_head.safetensors:weight"]
+    assert not torch.equal(head, torch.eye(head.shape[0])), "the value head must train"
+
+
+def test_ar_sft_killed_after_a_checkpoint_resumes_to_identical_weights(prepared, tmp_path, monkeypatch):
+    clean = copy_run(prepared, tmp_path / "clean")
+    ar_sft(clean, steps=6)
+    killed = copy_run(prepared, tmp_path / "killed")
+    real_save = loop_module.save_checkpoint
+
+    def save_then_die(root, step, *args, **kw):
+        real_save(root, step, *args, **kw)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ar_sft(killed, steps=6)
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    assert not (killed / "stages" / "sft-ar.json").exists()
+    ar_sft(killed, steps=6)
+    a, b = bundle_tensors(clean, "ar"), bundle_tensors(killed, "ar")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("train_enc", [False, True])
+def test_av_sft_lowers_loss_and_honours_the_enc_switch(prepared, tmp_path, train_enc):
+    run = copy_run(prepared, tmp_path / "run")
+    ar_sft(run, steps=2)
+    before = load_file(str(run / "bundle" / "adapters" / "adapters.safetensors"))
+    record = run_sft_av(AVSFTConfig(run=run_cfg(run), loop=LoopConfig(steps=12, lr=3e-3, **FAST), train_enc=train_enc,
+                                    enc_lr=1e-2, val_passages=8, collapse_sample=4, max_new_tokens=8))
+    losses = [json.loads(line)["loss"] for line in (run / "sft-av" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert "distinct_z" in record["final"]
+    after = load_file(str(run / "bundle" / "adapters" / "adapters.safetensors"))
+    assert torch.equal(before["encoders.tiny-llama.weight"], after["encoders.tiny-llama.weight"])
+    assert torch.equal(before["encoders.tiny-gpt2.weight"], after["encoders.tiny-gpt2.weight"]) is not train_enc
+
+
+def test_collapse_alarm_fires_on_a_collapsed_generator(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert collapse_alarm(["The passage describes a function."] * 16, 0.5) == 1 / 16
+    assert "AV COLLAPSE" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert collapse_alarm([f"explanation {i}" for i in range(16)], 0.5) == 1.0
+    assert "AV COLLAPSE" not in caplog.text
+
+
+def test_a_second_teacher_is_refused(prepared, tmp_path):
+    run = copy_run(prepared, tmp_path / "run")
+    ar_sft(run, steps=2)
+    table = read_passages(run / "passages.parquet")
+    table = table.set_column(table.column_names.index("teacher"), "teacher", pa.array(["other:teacher"] * table.num_rows))
+    write_passages(table, run / "passages.parquet")
+    with pytest.raises(DataError, match="mixing teachers is refused"):
+        run_sft_av(AVSFTConfig(run=run_cfg(run), loop=LoopConfig(steps=2, **FAST)))
+
+
+def test_refit_add_model_and_eval(prepared, tmp_path):
+    run = copy_run(prepared, tmp_path / "run")
+    ar_sft(run, steps=4)
+    refit = RefitConfig(run=run_cfg(run), train_passages=24, val_passages=6, max_new_tokens=8)
+    refit.fit.min_overlap = 8
+    record = run_refit_dec(refit)
+    assert set(record["val"]["tiny-gpt2"]) == {"av", "teacher"}
+    trunk = {p: p.read_bytes() for part in ("av", "ar") for p in (run / "bundle" / part).iterdir()}
+    add = AddModelConfig(run=run_cfg(run), model=ModelSpec(tag="tiny-qwen3", source="random", name="qwen3", layer=1),
+                         train_passages=24, val_passages=6, max_new_tokens=8)
+    add.fit.min_overlap = 8
+    run_add_model(add)
+    assert {p: p.read_bytes() for p in trunk} == trunk, "adding a model must not touch the AV/AR"
+    meta = yaml.safe_load((run / "bundle" / "nla_meta.yaml").read_text())
+    assert meta["tags"]["tiny-qwen3"]["held_out"] is True and meta["tags"]["tiny-gpt2"]["held_out"] is False
+    assert (run / "bundle" / "adapters" / "refit_tiny-qwen3.json").is_file()
+    result = run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=8, n_boot=50, test_passages=8))
+    for tag in ("tiny-llama", "tiny-gpt2", "tiny-qwen3"):
+        r = result["results"][tag]
+        assert {"shuffled_z", "teacher_z", "mean_predictor"} <= set(r["controls"])
+        assert all(np.isfinite(v) for v in r["metrics"].values())
+    assert "linear_ceiling" in result["results"]["tiny-qwen3"]["controls"]
+    report = json.loads((run / "eval-nla" / "fve_report.json").read_text())
+    assert report["tags"]["tiny-qwen3"]["held_out"] is True if "tags" in report else True
