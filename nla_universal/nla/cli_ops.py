@@ -1,0 +1,141 @@
+"""The `verbalize` and `reconstruct` subcommands: a bundle applied to a run's activations and explanations.
+
+    nla-universal verbalize bundle=out/bundle tag=gpt2-medium run_dir=runs/demo split=test
+    nla-universal reconstruct bundle=out/bundle tag=gpt2-medium run_dir=runs/demo
+
+`verbalize` writes `<run_dir>/explanations/<tag>.jsonl` (one line per activation row: row, passage_id,
+explanation, parsed, finish_reason); `reconstruct` reads it back, writes
+`<run_dir>/reconstructions/<tag>.parquet` (passage_id, row, activation) and scores the rows against
+the gold activations they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import io
+from ..activations import read_activations
+from ..config import default_cache_dir, opt
+from ..corpus import read_passages, split_ids
+from ..errors import ConfigError, DataError
+from ..metrics import all_metrics
+from ..rollout import SamplingParams
+from .api import UniversalNLA
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test", "all")
+
+
+@dataclass
+class VerbalizeConfig:
+    bundle: str = opt(help="bundle folder (holds nla_meta.yaml)")
+    tag: str = opt(help="which pooled model's activations to verbalize")
+    run_dir: str = opt("runs/demo", "run folder: reads passages.parquet and activations/<tag>/")
+    split: str = opt("test", "passages to verbalize: train | val | test | all")
+    limit: int = opt(32, "verbalize at most this many rows (0 = all)")
+    output: str = opt("", "JSONL path; default <run_dir>/explanations/<tag>.jsonl")
+    greedy: bool = opt(True, "greedy decoding; false = sample with temperature / top_p")
+    max_new_tokens: int = opt(96, "tokens generated at most per explanation")
+    temperature: float = opt(1.0, "sampling temperature (greedy=false)")
+    top_p: float = opt(1.0, "nucleus sampling mass (greedy=false)")
+    seed: Optional[int] = opt(None, "sampling seed (greedy=false) for reproducible explanations")
+    batch_size: int = opt(8, "prompts per generate call")
+    device: str = opt("cpu", "cpu | cuda")
+    cache_dir: str = opt(default_cache_dir(), "where converted packaged / random trunks are cached")
+
+
+@dataclass
+class ReconstructConfig:
+    bundle: str = opt(help="bundle folder (holds nla_meta.yaml)")
+    tag: str = opt(help="the pooled model whose space the reconstructions are decoded to")
+    run_dir: str = opt("runs/demo", "run folder: gold activations/<tag>/ are read from here for scoring")
+    input: str = opt("", "JSONL with an `explanation` field per line; default <run_dir>/explanations/<tag>.jsonl")
+    output: str = opt("", "parquet path; default <run_dir>/reconstructions/<tag>.parquet")
+    device: str = opt("cpu", "cpu | cuda")
+    cache_dir: str = opt(default_cache_dir(), "where converted packaged / random trunks are cached")
+
+
+def _selected_rows(run_dir: Path, tag: str, split: str, limit: int):
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}", f"use one of {SPLITS}")
+    acts = read_activations(run_dir / "activations", tag)
+    rows = np.arange(len(acts.passage_ids))
+    if split != "all":
+        wanted = set(split_ids(read_passages(run_dir / "passages.parquet"), split))
+        rows = rows[[p in wanted for p in acts.passage_ids]]
+    if len(rows) == 0:
+        raise DataError(f"no {tag} activations in split {split!r} under {run_dir}", "use another split, or split=all")
+    return acts, rows[:limit] if limit else rows
+
+
+def verbalize_cmd(cfg: VerbalizeConfig) -> Path:
+    run_dir = Path(cfg.run_dir)
+    nla = UniversalNLA.load(cfg.bundle, cache_dir=cfg.cache_dir, device=cfg.device)
+    nla.av.engine.batch_size = cfg.batch_size
+    nla.av.engine.progress = True
+    acts, rows = _selected_rows(run_dir, cfg.tag, cfg.split, cfg.limit)
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              greedy=cfg.greedy, seed=cfg.seed)
+    explanations = nla.explain(acts.X[rows], cfg.tag, sampling)
+    lines = [
+        json.dumps({"row": int(r), "passage_id": acts.passage_ids[r], "tag": cfg.tag, "explanation": e.text,
+                    "parsed": e.parsed, "finish_reason": e.completion.finish_reason})
+        for r, e in zip(rows, explanations)
+    ]
+    out = Path(cfg.output) if cfg.output else run_dir / "explanations" / f"{cfg.tag}.jsonl"
+    io.write_text(out, "\n".join(lines) + "\n")
+    parsed = sum(e.parsed for e in explanations)
+    log.info("wrote %d explanations (%d with <explanation> tags) to %s", len(lines), parsed, out)
+    print(out)
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{path} not found", "run `nla-universal verbalize` first, or set input=")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number} is not JSON ({exc.msg})", "write one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("explanation"), str):
+            raise DataError(f"{path}:{number} has no string field `explanation`", "write {\"explanation\": \"...\"} per line")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path} holds no explanations", "verbalize some activations first")
+    return records
+
+
+def reconstruct_cmd(cfg: ReconstructConfig) -> dict:
+    run_dir = Path(cfg.run_dir)
+    source = Path(cfg.input) if cfg.input else run_dir / "explanations" / f"{cfg.tag}.jsonl"
+    records = _read_jsonl(source)
+    nla = UniversalNLA.load(cfg.bundle, cache_dir=cfg.cache_dir, device=cfg.device)
+    predicted = nla.reconstruct([r["explanation"] for r in records], cfg.tag).numpy().astype(np.float32)
+    out = Path(cfg.output) if cfg.output else run_dir / "reconstructions" / f"{cfg.tag}.parquet"
+    table = pa.table({
+        "passage_id": pa.array([str(r.get("passage_id", "")) for r in records], pa.string()),
+        "row": pa.array([int(r.get("row", -1)) for r in records], pa.int64()),
+        "activation": pa.FixedSizeListArray.from_arrays(pa.array(predicted.reshape(-1), pa.float32()), predicted.shape[1]),
+    })
+    with io.atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
+    summary: dict = {"tag": cfg.tag, "n": len(records), "output": str(out)}
+    if all("row" in r for r in records) and (run_dir / "activations" / cfg.tag).is_dir():
+        gold = read_activations(run_dir / "activations", cfg.tag).X[[r["row"] for r in records]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            summary.update(all_metrics(gold, predicted))
+    log.info("wrote %d reconstructions to %s", len(records), out)
+    print(json.dumps(summary))
+    return summary
