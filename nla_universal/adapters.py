@@ -1,0 +1,444 @@
+"""Per-model linear adapters `enc_M : d_M → d_shared`, `dec_M : d_shared → d_M` and their least-squares fits.
+
+Conventions (DESIGN.md): state-dict keys `encoders.<tag>.weight` [d_shared, d_M] and
+`decoders.<tag>.weight` [d_M, d_shared], forward `x @ W.T (+ b)`. Both maps are pure linear maps:
+callers rescale rows first — `h` to √d_M before `encode`, shared vectors to √d_shared before
+`decode` (the AR's outputs carry no scale, so the decoder always sees unit-scale rows).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from . import io
+from .activations import Activations, read_activations
+from .config import PoolConfig, check_tag, opt
+from .corpus import read_passages, split_ids
+from .errors import ConfigError, DataError
+from .metrics import fve_centred, fve_meannorm, normalised_mean, normalize_rows
+
+WEIGHTS_FILE = "adapters.safetensors"
+META_FILE = "adapters.json"
+RIDGE_FALLBACK = 1e-4  # × mean(diag XᵀX), the seed's fallback strength
+SUMMARY_KEYS = ("N", "solver", "ridge", "condition", "fallback", "val")
+
+
+@dataclass
+class AdapterFitConfig:
+    """How enc_M / dec_M are fitted."""
+
+    bias: bool = opt(False, "fit an intercept (rows are centred before the solve); the seed had none")
+    ridge: float = opt(0.0, "ridge strength λ as a multiple of mean(diag XᵀX); 0 = plain least squares")
+    ridge_grid: list[float] = opt(
+        help="candidate ridge strengths (replaces `ridge`): each is fitted on train, the best val "
+        "fve_centred is kept and every candidate's score is reported (e.g. [0, 1e-4, 1e-3, 1e-2, 1e-1])",
+        factory=list,
+    )
+    min_overlap: int = opt(32, "fewest train passages a tag must share with the anchor")
+    max_condition: float = opt(
+        1e6,
+        "largest estimated condition number of X for the float64 normal-equation solve (weight error "
+        "≲ cond²·1e-16, fitted values far better); above it the fit uses SVD least squares (gelsd)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Least squares
+
+
+@dataclass
+class FitResult:
+    weight: torch.Tensor  # [d_out, d_in] float32
+    bias: torch.Tensor | None  # [d_out] float32
+    solver: str
+    seconds: float
+    condition: float  # estimated 2-norm condition number of the (centred) X; inf when singular
+    fallback: str | None  # why the first-choice solver was not used
+
+    def predict(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
+        X = torch.as_tensor(np.asarray(X), dtype=torch.float64)
+        out = X @ self.weight.double().T
+        return (out if self.bias is None else out + self.bias.double()).numpy()
+
+    def summary(self) -> dict:
+        condition = self.condition if np.isfinite(self.condition) else None  # JSON has no inf
+        return {"solver": self.solver, "seconds": round(self.seconds, 3), "condition": condition,
+                "fallback": self.fallback, "bias": self.bias is not None}
+
+
+def _gram(A: np.ndarray) -> torch.Tensor:
+    """AᵀA; numpy turns `A.T @ A` into one BLAS syrk (half the flops of a general matmul)."""
+    return torch.from_numpy(A.T @ A)
+
+
+def _condition(G: torch.Tensor, L: torch.Tensor, iters: int = 6, width: int = 4) -> float:
+    """≈ √(λmax/λmin) of the SPD matrix G = LLᵀ, i.e. cond(X): block power iteration on G and on G⁻¹.
+
+    A few iterations give a slight underestimate (1666 vs 1726 exact on the bench data), enough to
+    tell a well-conditioned fit from one that needs the SVD path.
+    """
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(G.shape[0], width, dtype=G.dtype, generator=gen)
+    u = v.clone()
+    for _ in range(iters):
+        v = torch.linalg.qr(G @ v).Q
+        # two triangular solves: 3x faster than cholesky_solve for a handful of right-hand sides
+        w = torch.linalg.solve_triangular(L, u, upper=False)
+        u = torch.linalg.qr(torch.linalg.solve_triangular(L.T, w, upper=True)).Q
+    lam_max = float(torch.linalg.eigvalsh(v.T @ G @ v).max())
+    lam_min = float(torch.linalg.eigvalsh(u.T @ G @ u).min())
+    return float(np.sqrt(lam_max / lam_min)) if lam_min > 0 else float("inf")
+
+
+class _GramSystem:
+    """The Gram of the smaller side — XᵀX (N ≥ d) or XXᵀ (dual, N < d) — built once, solved by
+    Cholesky for any ridge λ: min ‖X B − Y‖² + λ‖B‖²."""
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray):
+        self.X, self.Y = torch.from_numpy(X), torch.from_numpy(Y)
+        self.primal = X.shape[0] >= X.shape[1]
+        self.G = _gram(X) if self.primal else _gram(X.T)
+        self.rhs = self.X.T @ self.Y if self.primal else self.Y
+
+    def solve(self, lam: float) -> tuple[torch.Tensor | None, float]:
+        """(B [d_in, d_out], or None when G + λI is not positive definite; condition estimate)."""
+        G = self.G
+        if lam:
+            G = G.clone()
+            G.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(G)
+        if int(info) != 0:
+            return None, float("inf")
+        B = torch.cholesky_solve(self.rhs, L)
+        return (B if self.primal else self.X.T @ B), _condition(G, L)
+
+
+def _as_f64(name: str, a: np.ndarray | torch.Tensor) -> tuple[np.ndarray, float]:
+    """C-contiguous float64 copy and its sum of squares (a NaN/inf anywhere makes that non-finite)."""
+    a = np.ascontiguousarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+    sumsq = float(np.einsum("ij,ij->", a, a)) if a.ndim == 2 else 0.0
+    if not np.isfinite(sumsq):
+        raise DataError(f"{name} holds NaN/inf", "drop or recompute the non-finite rows before fitting")
+    return a, sumsq
+
+
+def fit_linear(
+    X: np.ndarray | torch.Tensor,
+    Y: np.ndarray | torch.Tensor,
+    *,
+    ridge: float = 0.0,
+    bias: bool = False,
+    max_condition: float = 1e6,
+) -> FitResult:
+    """W (and b) minimising ‖X Wᵀ + b − Y‖ (+ λ‖W‖², λ = ridge · mean(diag XᵀX)); minimum-norm when N < d.
+
+    float64 throughout. First choice: Cholesky of the normal (or, when N < d, dual) equations — fast,
+    and accurate while cond(X) ≤ max_condition. Ill-conditioned or singular → SVD least squares
+    (gelsd). That failing or non-finite → ridge with λ = 1e-4·mean(diag XᵀX). Any switch is named in
+    `fallback`. Not gelsy (the seed's choice): on this MKL build it returned wrong, run-to-run
+    different ranks (4..10 of 10) for a matrix with duplicated columns — the very case it is for.
+    """
+    return fit_linear_path(X, Y, [ridge], bias=bias, max_condition=max_condition)[0]
+
+
+def fit_linear_path(
+    X: np.ndarray | torch.Tensor,
+    Y: np.ndarray | torch.Tensor,
+    ridges: Sequence[float],
+    *,
+    bias: bool = False,
+    max_condition: float = 1e6,
+) -> list[FitResult]:
+    """`fit_linear` for each ridge strength, sharing one Gram matrix (a few Cholesky solves more)."""
+    t0 = time.perf_counter()
+    if not ridges or min(ridges) < 0:
+        raise ConfigError(f"ridge strengths {list(ridges)} must be a non-empty list of numbers ≥ 0", "use e.g. 0 or 1e-3")
+    X64, sumsq = _as_f64("X", X)
+    Y64, _ = _as_f64("Y", Y)
+    if X64.ndim != 2 or Y64.ndim != 2 or X64.shape[0] != Y64.shape[0]:
+        raise DataError(f"cannot fit X {X64.shape} to Y {Y64.shape}", "pass aligned 2-D arrays")
+    means = (X64.mean(0), Y64.mean(0)) if bias else None
+    if means:  # an intercept is the same fit on centred rows; centring also helps the conditioning
+        X64, Y64 = X64 - means[0], Y64 - means[1]
+        sumsq = float(np.einsum("ij,ij->", X64, X64))
+    system = _GramSystem(X64, Y64)
+    setup = time.perf_counter() - t0
+    return [_solve(system, r, sumsq / X64.shape[1], max_condition, means, setup) for r in ridges]
+
+
+def _solve(system: _GramSystem, ridge: float, mean_diag: float, max_condition: float, means, setup: float) -> FitResult:
+    t0 = time.perf_counter()
+    fallback = None
+    if ridge > 0:
+        B, cond = system.solve(ridge * mean_diag)
+        solver = "ridge-cholesky-f64"
+    else:
+        B, cond = system.solve(0.0)
+        solver = "normal-cholesky-f64" if system.primal else "dual-cholesky-f64"
+        if B is None or cond > max_condition:
+            fallback = f"condition estimate {cond:.3g} > {max_condition:.3g}: SVD least squares instead of {solver}"
+            solver = "gelsd-f64"
+            try:
+                B = torch.linalg.lstsq(system.X, system.Y, driver="gelsd").solution
+                if not torch.isfinite(B).all():
+                    raise FloatingPointError("non-finite solution")
+            except (RuntimeError, FloatingPointError) as exc:
+                fallback += f"; gelsd failed ({exc}): ridge λ = {RIDGE_FALLBACK:g}·mean(diag XᵀX)"
+                solver = "ridge-fallback-f64"
+                B, _ = system.solve(RIDGE_FALLBACK * mean_diag)
+    if B is None or not torch.isfinite(B).all():
+        raise DataError(f"least squares produced no finite solution (solver {solver})", "raise the ridge strength")
+    weight = B.T.contiguous()
+    b = (torch.from_numpy(means[1]) - weight @ torch.from_numpy(means[0])).float() if means else None
+    return FitResult(weight.float(), b, solver, setup + time.perf_counter() - t0, cond, fallback)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter module and its files
+
+
+class PoolAdapters(torch.nn.Module):
+    """enc_M / dec_M for every tag of a pool; the anchor's pair is the identity."""
+
+    def __init__(self, d_shared: int, anchor: str):
+        super().__init__()
+        self.d_shared = int(d_shared)
+        self.anchor = check_tag(anchor)
+        self.encoders = torch.nn.ModuleDict()
+        self.decoders = torch.nn.ModuleDict()
+        self.dims: dict[str, int] = {}
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.dims)
+
+    def add(self, tag: str, enc_weight, dec_weight, enc_bias=None, dec_bias=None) -> None:
+        check_tag(tag)
+        enc_w, dec_w = torch.as_tensor(enc_weight).float(), torch.as_tensor(dec_weight).float()
+        d_model = enc_w.shape[1]
+        if enc_w.shape != (self.d_shared, d_model) or dec_w.shape != (d_model, self.d_shared):
+            raise DataError(
+                f"{tag}: encoder {tuple(enc_w.shape)} / decoder {tuple(dec_w.shape)} do not fit d_shared={self.d_shared}",
+                f"encoder must be [{self.d_shared}, d_M], decoder [d_M, {self.d_shared}]",
+            )
+        if tag == self.anchor and d_model != self.d_shared:
+            raise DataError(f"anchor {tag} has d_model {d_model} ≠ d_shared {self.d_shared}", "d_shared is the anchor's width")
+        self.encoders[tag] = _linear(enc_w, enc_bias)
+        self.decoders[tag] = _linear(dec_w, dec_bias)
+        self.dims[tag] = int(d_model)
+
+    def _map(self, maps: torch.nn.ModuleDict, tag: str, x: torch.Tensor, width: int) -> torch.Tensor:
+        if tag not in maps:
+            raise DataError(f"no adapter for tag {tag!r}", f"known tags: {', '.join(self.tags)}; fit adapters for it")
+        if x.shape[-1] != width:
+            raise DataError(f"{tag}: input width {x.shape[-1]} ≠ {width}", "pass rows of the tag's own space")
+        return maps[tag](x)
+
+    def encode(self, tag: str, h: torch.Tensor) -> torch.Tensor:
+        """enc_M on rows already rescaled to √d_M."""
+        return self._map(self.encoders, tag, h, self.dims.get(tag, -1))
+
+    def decode(self, tag: str, v: torch.Tensor) -> torch.Tensor:
+        """dec_M on shared-space rows already rescaled to √d_shared."""
+        return self._map(self.decoders, tag, v, self.d_shared)
+
+    def _meta(self) -> dict:
+        return {
+            "d_shared": self.d_shared,
+            "anchor": self.anchor,
+            "dims": dict(self.dims),
+            "bias": {t: {"enc": self.encoders[t].bias is not None, "dec": self.decoders[t].bias is not None} for t in self.tags},
+        }
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with io.atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        io.write_text(folder / META_FILE, json.dumps(self._meta(), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path, expect_tags=None, expect_d_shared: int | None = None) -> "PoolAdapters":
+        folder = Path(folder)
+        refit = "refit the adapters (adapters.fit_pool_adapters)"
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+            state = load_file(str(folder / WEIGHTS_FILE))
+            dims = {str(t): int(d) for t, d in meta["dims"].items()}
+            d_shared, anchor = int(meta["d_shared"]), str(meta["anchor"])
+            bias = {t: {"enc": bool(meta["bias"][t]["enc"]), "dec": bool(meta["bias"][t]["dec"])} for t in dims}
+        except FileNotFoundError as exc:
+            raise DataError(f"adapters missing in {folder}: {exc.filename}", refit) from None
+        except Exception as exc:  # safetensors/json raise several types for corrupt files
+            raise DataError(f"corrupt adapters in {folder}: {exc}", refit) from None
+        if expect_d_shared is not None and d_shared != expect_d_shared:
+            raise DataError(f"adapters in {folder} map to d_shared={d_shared}, expected {expect_d_shared}", refit)
+        missing = sorted(set(expect_tags or ()) - set(dims))
+        if missing:
+            raise DataError(f"adapters in {folder} lack tags {missing} (have {sorted(dims)})", refit)
+        adapters = cls(d_shared, anchor)
+        expected_keys = set()
+        for tag, d in dims.items():
+            parts = {}
+            for side, shape in (("encoders", (d_shared, d)), ("decoders", (d, d_shared))):
+                keys = [f"{side}.{tag}.weight"] + ([f"{side}.{tag}.bias"] if bias[tag][side[:3]] else [])
+                for key in keys:
+                    want = shape if key.endswith("weight") else shape[:1]
+                    if key not in state or tuple(state[key].shape) != want:
+                        got = tuple(state[key].shape) if key in state else "missing"
+                        raise DataError(f"{folder / WEIGHTS_FILE}: {key} is {got}, expected {want}", refit)
+                    parts[key.replace(f".{tag}.", ".")] = state[key]
+                expected_keys.update(keys)
+            adapters.add(tag, parts["encoders.weight"], parts["decoders.weight"], parts.get("encoders.bias"), parts.get("decoders.bias"))
+        extra = sorted(set(state) - expected_keys)
+        if extra:
+            raise DataError(f"{folder / WEIGHTS_FILE} holds unexpected tensors {extra[:5]}", refit)
+        return adapters
+
+
+def _linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(torch.as_tensor(bias).float())
+    return layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Fits on activations
+
+
+def _finite_rows(tag: str, X: np.ndarray) -> np.ndarray:
+    bad = int((~np.isfinite(X)).any(axis=1).sum())
+    if bad:
+        raise DataError(f"{tag}: {bad} of {X.shape[0]} activation rows hold NaN/inf",
+                        f"re-extract {tag} (fp32 pooling; check for overflow at sink channels)")
+    return X
+
+
+def _rows_by_id(acts: Activations) -> dict[str, int]:
+    index = {p: i for i, p in enumerate(acts.passage_ids)}
+    if len(index) != len(acts.passage_ids):
+        raise DataError(f"{acts.tag}: several rows per passage (pool={acts.meta.get('pool')})",
+                        "adapters are fitted on one row per passage: extract with pool mean or last")
+    return index
+
+
+def aligned_rows(model: Activations, anchor: Activations, ids: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Passage ids of `ids` present in both stores, and the two row blocks in that order."""
+    mi, ai = _rows_by_id(model), _rows_by_id(anchor)
+    shared = [p for p in ids if p in mi and p in ai]
+    return shared, model.X[[mi[p] for p in shared]], anchor.X[[ai[p] for p in shared]]
+
+
+def _fve_report(fit: FitResult, X: np.ndarray, Y: np.ndarray, Xv: np.ndarray, Yv: np.ndarray, mu: np.ndarray) -> dict:
+    report = {"in_sample": {"fve_centred": fve_centred(Y, fit.predict(X), mu), "fve_meannorm": fve_meannorm(Y, fit.predict(X))}}
+    if len(Xv):
+        pv = fit.predict(Xv)
+        report["val"] = {"N": len(Xv), "fve_centred": fve_centred(Yv, pv, mu), "fve_meannorm": fve_meannorm(Yv, pv)}
+    return report
+
+
+def _fit_rows(kind: str, tag: str, X, Y, Xv, Yv, cfg: AdapterFitConfig, names: tuple[str, str]) -> tuple[FitResult, dict]:
+    """Fit n(X) → n(Y) (choosing the ridge on val when a grid is given); `names` label X's and Y's
+    rows in errors (e.g. the tag and the anchor)."""
+    X, Xv = (normalize_rows(_finite_rows(names[0], a)) for a in (X, Xv))
+    Y, Yv = (normalize_rows(_finite_rows(names[1], a)) for a in (Y, Yv))
+    grid = list(cfg.ridge_grid) or [cfg.ridge]
+    if len(grid) > 1 and not len(Xv):
+        raise DataError(f"{tag}: ridge_grid needs val rows to choose from, and there are none",
+                        "give the corpus a val split (val_fraction > 0) or set a single ridge")
+    fits = fit_linear_path(X, Y, grid, bias=cfg.bias, max_condition=cfg.max_condition)
+    mu = normalised_mean(Y)
+    selection = {}
+    if len(fits) > 1:
+        scores = [fve_centred(Yv, f.predict(Xv), mu) for f in fits]
+        best = int(np.argmax(scores))
+        fits, grid = [fits[best]], [grid[best]]
+        selection = {"ridge_selection": {"grid": list(cfg.ridge_grid), "val_fve_centred": scores}}
+    fit = fits[0]
+    report = {"fit": kind, "tag": tag, "N": len(X), "d_in": X.shape[1], "d_out": Y.shape[1], **fit.summary(),
+              "ridge": grid[0], **selection, **_fve_report(fit, X, Y, Xv, Yv, mu)}
+    return fit, report
+
+
+def fit_encoder(h_model: Activations, h_anchor: Activations, train_ids: list[str], val_ids: list[str],
+                cfg: AdapterFitConfig) -> tuple[FitResult, dict]:
+    """enc_M: n(h_M) → n(h_anchor) on the train passages both stores hold; scored on val."""
+    ids, X, Y = aligned_rows(h_model, h_anchor, train_ids)
+    model_train = len(set(train_ids) & set(h_model.passage_ids))
+    if len(ids) < cfg.min_overlap:
+        raise DataError(
+            f"{h_model.tag}: only {len(ids)} train passages shared with anchor {h_anchor.tag} "
+            f"({model_train} train rows for {h_model.tag}); need ≥ {cfg.min_overlap}",
+            "extract both tags on the same passages.parquet (or lower min_overlap)",
+        )
+    _, Xv, Yv = aligned_rows(h_model, h_anchor, val_ids)
+    fit, report = _fit_rows("encoder", h_model.tag, X, Y, Xv, Yv, cfg, (h_model.tag, f"anchor {h_anchor.tag}"))
+    report["train_rows_without_anchor"] = model_train - len(ids)
+    return fit, report
+
+
+def fit_decoder(V_train: np.ndarray, h_train: np.ndarray, *, tag: str, cfg: AdapterFitConfig,
+                V_val: np.ndarray | None = None, h_val: np.ndarray | None = None, kind: str = "decoder") -> tuple[FitResult, dict]:
+    """dec_M: n(v) at √d_shared → n(h_M) at √d_M, rows aligned by the caller (train split only)."""
+    if len(V_train) < cfg.min_overlap:
+        raise DataError(f"{tag}: {len(V_train)} rows to fit the decoder; need ≥ {cfg.min_overlap}", "use more train passages")
+    V_val = np.zeros((0, np.shape(V_train)[1])) if V_val is None else V_val
+    h_val = np.zeros((0, np.shape(h_train)[1])) if h_val is None else h_val
+    return _fit_rows(kind, tag, V_train, h_train, V_val, h_val, cfg, (f"{tag} shared-space inputs", tag))
+
+
+def encode_rows(fit_or_adapters: FitResult | PoolAdapters, tag: str, h: np.ndarray) -> np.ndarray:
+    """n(enc_M(n(h))) at √d_shared: what the AV receives and what the decoder is fitted from."""
+    if isinstance(fit_or_adapters, FitResult):
+        v = fit_or_adapters.predict(normalize_rows(h))
+    else:
+        with torch.no_grad():
+            v = fit_or_adapters.encode(tag, torch.as_tensor(normalize_rows(h)).float()).double().numpy()
+    return normalize_rows(v)
+
+
+def fit_pool_adapters(activations_root: str | Path, passages_parquet: str | Path, pool: PoolConfig,
+                      out_folder: str | Path, cfg: AdapterFitConfig) -> PoolAdapters:
+    """enc_M against the anchor and the linear-ceiling dec_M for every tag (held-out ones too).
+
+    Writes into `out_folder` (a bundle's `adapters/`): adapters.safetensors, adapters.json, one
+    `fit_<kind>_<tag>.json` per fit and fit_summary.json. Only train passages are fitted; val scores.
+    """
+    out = Path(out_folder)
+    passages = read_passages(passages_parquet)
+    train_ids, val_ids = split_ids(passages, "train"), split_ids(passages, "val")
+    anchor = read_activations(activations_root, pool.anchor)
+    _finite_rows(pool.anchor, anchor.X)
+    adapters = PoolAdapters(anchor.d, pool.anchor)
+    eye = torch.eye(anchor.d)
+    adapters.add(pool.anchor, eye, eye.clone())
+    summary = {pool.anchor: {"anchor": True, "solver": "identity"}}
+    for tag in tqdm([t for t in pool.tags if t != pool.anchor], desc="adapter fits", unit="tag"):
+        acts = read_activations(activations_root, tag)
+        enc, enc_report = fit_encoder(acts, anchor, train_ids, val_ids, cfg)
+        index = _rows_by_id(acts)
+        h_tr = acts.X[[index[p] for p in train_ids if p in index]]
+        h_va = acts.X[[index[p] for p in val_ids if p in index]]
+        dec, dec_report = fit_decoder(encode_rows(enc, tag, h_tr), h_tr, tag=tag, cfg=cfg,
+                                      V_val=encode_rows(enc, tag, h_va), h_val=h_va, kind="linear_ceiling_decoder")
+        adapters.add(tag, enc.weight, dec.weight, enc.bias, dec.bias)
+        for kind, report in (("encoder", enc_report), ("decoder", dec_report)):
+            io.write_text(out / f"fit_{kind}_{tag}.json", json.dumps(report, indent=2))
+        summary[tag] = {"held_out": pool.spec(tag).held_out,
+                        "encoder": {k: enc_report[k] for k in SUMMARY_KEYS if k in enc_report},
+                        "decoder": {k: dec_report[k] for k in SUMMARY_KEYS if k in dec_report}}
+    adapters.save(out)
+    io.write_text(out / "fit_summary.json", json.dumps({"config": asdict(cfg), "tags": summary}, indent=2))
+    return adapters
