@@ -24,7 +24,6 @@ from .evaluate import evaluate_linear_ceiling, linear_ceiling_predictions, score
 from .explanations import explain_rows
 from .metrics import derangement, normalised_mean, normalize_rows
 from .nla.api import UniversalNLA
-from .nla.loss import rescale_rows
 from .report import write_report
 from .train.data import passages_with_z, tag_rows
 from .train.refit import ar_shared, sampling_for

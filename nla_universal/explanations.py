@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .nla.api import UniversalNLA
-from .nla.loss import rescale_rows
+from .nla.injection import rescale
 from .rollout import SamplingParams
 
 
@@ -61,7 +61,7 @@ def explain_rows(nla: UniversalNLA, run_dir: Path, tag: str, ids: list[str], H: 
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 with torch.no_grad():
-                    v = nla.adapters.encode(tag, rescale_rows(H[chunk], math.sqrt(H.shape[1])))
+                    v = nla.adapters.encode(tag, rescale(H[chunk], math.sqrt(H.shape[1])))
                 for i, e in zip(chunk, nla.av.explain(v, [tag] * len(chunk), sampling)):
                     row = {"key": key, "passage_id": ids[i], "z": e.text, "parsed": e.parsed}
                     done[ids[i]] = row

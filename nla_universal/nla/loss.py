@@ -9,13 +9,9 @@ import math
 
 import torch
 
+from .injection import rescale
+
 FAILED_SAMPLE_PENALTY = -2.0  # reward of a sample whose explanation could not be parsed or was truncated
-
-
-def rescale_rows(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rows rescaled to norm `scale`, norm taken in fp32."""
-    x = x.float()
-    return x * (scale / x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 def mse_nrm(pred: torch.Tensor, gold: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -23,7 +19,7 @@ def mse_nrm(pred: torch.Tensor, gold: torch.Tensor, scale: float | None = None) 
     if pred.shape != gold.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(gold.shape)} differ in shape")
     s = math.sqrt(gold.shape[-1]) if scale is None else scale
-    return (rescale_rows(pred, s) - rescale_rows(gold, s)).pow(2).mean(dim=-1)
+    return (rescale(pred, s) - rescale(gold, s)).pow(2).mean(dim=-1)
 
 
 def reward(pred: torch.Tensor, gold: torch.Tensor, ok: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from ..config import ModelSpec, PoolConfig, check_tag, load_pool, opt, validate_
 from ..corpus import read_passages, split_ids
 from ..errors import ConfigError
 from ..extract import ExtractConfig, extract_tag, resolve_device
-from ..nla.bundle import TagInfo
+from ..nla.bundle import TagInfo, read_reports
 from .data import passages_with_z
 from .refit import RefitConfig, refit_tag
 from .workspace import RunConfig, open_bundle, save_bundle
@@ -81,8 +81,9 @@ def run_add_model(cfg: AddModelConfig) -> dict:
     refit_cfg = RefitConfig(run=cfg.run, train_passages=cfg.train_passages, val_passages=cfg.val_passages,
                             max_new_tokens=cfg.max_new_tokens, fit=cfg.fit)
     report = refit_tag(nla, run_dir, passages_with_z(run_dir, need_z=False), spec.tag, refit_cfg)
-    folder = save_bundle(nla, cfg.run)
-    io.write_text(folder / "adapters" / f"refit_{spec.tag}.json", json.dumps(report, indent=2))
+    nla.reports.update(read_reports(run_dir / "adapters", "adapters/"))
+    nla.reports[f"adapters/refit_{spec.tag}.json"] = report
+    save_bundle(nla, cfg.run)
     summary = {"tag": spec.tag, "seconds": round(time.time() - started, 1), "enc_val": enc_report.get("val"),
                "dec_val_through_av": report["fits"]["av"]["val_through_av"]}
     log.info("added %s: %s", spec.tag, summary)

@@ -7,7 +7,6 @@ scored on). Both fits are scored on val through the AV path and reported side by
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -17,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import io
 from ..adapters import AdapterFitConfig, fit_decoder
 from ..config import load_pool, opt
 from ..errors import ConfigError
 from ..explanations import explain_rows
 from ..metrics import fve_centred, fve_meannorm, normalised_mean, normalize_rows
 from ..nla.api import UniversalNLA
-from ..nla.loss import rescale_rows
+from ..nla.injection import rescale
 from ..rollout import SamplingParams
 from .data import mark_stage_done, passages_with_z, stage_done, tag_rows
 from .workspace import RunConfig, open_bundle, save_bundle, settings
@@ -38,7 +36,12 @@ SOURCES = ("av", "teacher")
 class RefitConfig:
     run: RunConfig = opt(help="run folder, pool, device", factory=RunConfig)
     source: str = opt("av", "AR inputs the decoder is fitted on: av (the AV's explanations, as scored) | teacher (teacher z)")
-    tags: list[str] = opt(help="refit only these tags (default: every tag of the bundle but the anchor)", factory=list)
+    tags: list[str] = opt(help="refit only these tags (default: every tag of the bundle)", factory=list)
+    refit_anchor: bool = opt(
+        True,
+        "also refit the anchor's dec (its enc stays the identity): the AR's raw outputs do not live where the "
+        "anchor's pooled activations do, so an identity dec scores far below the mean predictor",
+    )
     train_passages: int = opt(256, "train passages per tag the decoder is fitted on")
     val_passages: int = opt(64, "val passages per tag the fits are scored on")
     max_new_tokens: int = opt(48, "AV generation length")
@@ -48,7 +51,7 @@ class RefitConfig:
 
 def ar_shared(nla: UniversalNLA, texts: list[str]) -> np.ndarray:
     """n(AR(z)) at √d_shared: the decoder's input."""
-    return rescale_rows(nla.ar.reconstruct(texts), math.sqrt(nla.meta.d_shared)).double().numpy()
+    return rescale(nla.ar.reconstruct(texts), math.sqrt(nla.meta.d_shared)).double().numpy()
 
 
 def sampling_for(max_new_tokens: int) -> SamplingParams:
@@ -97,16 +100,14 @@ def run_refit_dec(cfg: RefitConfig, nla: UniversalNLA | None = None) -> dict:
     pool = load_pool(cfg.run.pool)
     table = passages_with_z(run_dir, need_z=cfg.source == "teacher")
     nla = nla or open_bundle(cfg.run, pool)
-    tags = cfg.tags or [t for t in nla.meta.tags if t != nla.meta.anchor_tag]
+    tags = cfg.tags or [t for t in nla.meta.tags if cfg.refit_anchor or t != nla.meta.anchor_tag]
     reports = {}
     for tag in tags:
-        if tag == nla.meta.anchor_tag:
-            raise ConfigError(f"{tag} is the anchor: its dec_M is the identity by design", "leave it out of tags")
         reports[tag] = refit_tag(nla, run_dir, table, tag, cfg)
         chosen = reports[tag]["fits"][cfg.source]["val_through_av"]
         log.info("%s %s: val fve_centred %.3f (source %s)", STAGE, tag, chosen["fve_centred"], cfg.source)
-    folder = save_bundle(nla, cfg.run)
     for tag, report in reports.items():
-        io.write_text(folder / "adapters" / f"refit_{tag}.json", json.dumps(report, indent=2))
+        nla.reports[f"adapters/refit_{tag}.json"] = report
+    save_bundle(nla, cfg.run)
     summary = {t: {s: r["val_through_av"] for s, r in rep["fits"].items()} for t, rep in reports.items()}
     return mark_stage_done(run_dir, STAGE, settings(cfg), started, val=summary)

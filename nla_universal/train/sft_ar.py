@@ -17,7 +17,8 @@ import torch
 
 from ..config import load_pool, opt
 from ..extract import resolve_device
-from ..nla.loss import mse_nrm, rescale_rows
+from ..nla.injection import rescale
+from ..nla.loss import mse_nrm
 from .data import TagRows, example_index, mark_stage_done, passages_with_z, stage_done, tag_rows, teacher_of, trained_tags
 from .loop import LoopConfig, named_trainable, train
 from .workspace import BundleInitConfig, RunConfig, bundle_teacher_check, open_bundle, save_bundle, settings
@@ -38,7 +39,7 @@ def shared_targets(nla, rows: TagRows) -> torch.Tensor:
     """enc_M(n(h_M)) at √d_shared: the AR's regression target and the AV's input direction."""
     with torch.no_grad():
         v = nla.adapters.encode(rows.tag, torch.from_numpy(rows.H))
-    return rescale_rows(v, math.sqrt(nla.meta.d_shared))
+    return rescale(v, math.sqrt(nla.meta.d_shared))
 
 
 def ar_val_metrics(nla, val: dict[str, TagRows], targets: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from .. import io
 from ..activations import read_activations
 from ..adapters import PoolAdapters
 from ..config import PoolConfig, default_cache_dir, opt
@@ -25,7 +24,7 @@ from ..extract import resolve_device
 from ..nla.api import UniversalNLA
 from ..nla.ar import ARConfig
 from ..nla.av import AVConfig
-from ..nla.bundle import TagInfo, read_meta
+from ..nla.bundle import TagInfo, read_reports
 from .data import passages_with_z, teacher_of
 
 log = logging.getLogger(__name__)
@@ -84,24 +83,18 @@ def open_bundle(run: RunConfig, pool: PoolConfig, init: BundleInitConfig | None 
     with torch.random.fork_rng():
         torch.manual_seed(init.seed)
         nla = UniversalNLA.create(pool.spec(pool.anchor), adapters, tag_infos(Path(run.run_dir), pool), av=init.av,
-                                  ar=init.ar, teacher_id=teacher, cache_dir=run.cache_dir)
+                                  ar=init.ar, teacher_id=teacher, cache_dir=run.cache_dir,
+                                  reports=read_reports(adapters_dir, "adapters/"))
     nla.save(folder)
     log.info("created bundle %s (trunk %s, %d tags)", folder, pool.anchor, len(pool.tags))
     return nla.to(device)
 
 
 def save_bundle(nla: UniversalNLA, run: RunConfig) -> Path:
-    """Save the whole bundle, keeping the fit reports (fit-adapters', refits') in its adapters/."""
+    """Save the whole bundle (its JSON reports travel in `nla.reports`)."""
     nla.av.model.eval()
     nla.ar.eval()
-    folder = bundle_dir(run)
-    reports = {}
-    for source in (Path(run.run_dir) / "adapters", folder / "adapters"):
-        reports.update({p.name: p.read_text() for p in source.glob("*.json") if p.name != "adapters.json"})
-    nla.save(folder)
-    for name, text in reports.items():
-        io.write_text(folder / "adapters" / name, text)
-    return folder
+    return nla.save(bundle_dir(run))
 
 
 def bundle_teacher_check(nla: UniversalNLA, teacher: str | None) -> None:

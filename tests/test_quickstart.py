@@ -1,0 +1,71 @@
+"""The smoke preset end to end on the real packaged models, and an interrupted run that resumes."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+METRICS = {"fve_centred", "fve_meannorm", "cos", "mse_nrm"}
+CONTROLS = {"mean_predictor", "shuffled_z", "teacher_z", "linear_ceiling"}
+
+
+def quickstart(out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nla_universal.cli", "quickstart", "--preset", "smoke", "--out", str(out), "device=cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = quickstart(out)
+    log, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, log[-3000:]
+    return out
+
+
+def test_smoke_writes_every_artifact_with_finite_metrics(smoke_run):
+    for name in ("report.md", "fve_report.json", "timings.json", "eval/fve_centred.png", "bundle/nla_meta.yaml",
+                 "bundle/av/adapter_model.safetensors", "bundle/ar/value_head.safetensors", "bundle/adapters/adapters.safetensors"):
+        assert (smoke_run / name).is_file(), name
+    report = json.loads((smoke_run / "fve_report.json").read_text())
+    assert set(report["tags"]) == {"smollm2-135m", "random-gpt2", "gemma3-270m"}
+    assert report["tags"]["gemma3-270m"]["held_out"] and not report["tags"]["smollm2-135m"]["held_out"]
+    assert report["tags"]["random-gpt2"]["random_weights"]
+    for tag, r in report["tags"].items():
+        assert METRICS <= set(r["metrics"]) and all(math.isfinite(v) for v in r["metrics"].values()), tag
+        assert CONTROLS <= set(r["controls"]), tag
+        assert all(math.isfinite(v) for c in r["controls"].values() for v in c.values()), tag
+        assert r["ci"]["fve_centred"][0] <= r["metrics"]["fve_centred"] <= r["ci"]["fve_centred"][1]
+    text = (smoke_run / "report.md").read_text()
+    assert "random weights" in text and "Held-out models" in text and "## Stage timings" in text
+    stages = [row["stage"] for row in json.loads((smoke_run / "timings.json").read_text())]
+    assert stages == ["corpus", "extract", "teach", "fit-adapters", "sft-ar", "sft-av", "refit-dec", "add-model", "eval"]
+
+
+def test_killed_run_resumes_to_the_same_report(smoke_run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # Reuse the finished run's text, teacher z and activations; retrain everything after them.
+    shutil.copy(smoke_run / "passages.parquet", out / "passages.parquet")
+    shutil.copytree(smoke_run / "activations", out / "activations")
+    proc = quickstart(out)
+    deadline = time.time() + 900
+    while not list((out / "explanations").glob("*.jsonl")):  # refit-dec is generating: AV and AR are trained
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (out / "fve_report.json").exists() and not (out / "stages" / "refit-dec.json").exists()
+    proc = quickstart(out)
+    log, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, log[-3000:]
+    assert json.loads((out / "fve_report.json").read_text())["tags"] == json.loads((smoke_run / "fve_report.json").read_text())["tags"]
