@@ -61,10 +61,11 @@ class FitResult:
     bias: torch.Tensor | None  # [d_out] float32
     solver: str
     seconds: float
-    condition: float  # estimated 2-norm condition number of the (centred) X; inf when singular
+    condition: float  # estimated cond of the (centred) X — with a ridge, of the regularised system; inf = singular
     fallback: str | None  # why the first-choice solver was not used
 
     def predict(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
+        """X Wᵀ + b in float64, rows as given (callers normalise, as for the fit)."""
         X = torch.as_tensor(np.asarray(X), dtype=torch.float64)
         out = X @ self.weight.double().T
         return (out if self.bias is None else out + self.bias.double()).numpy()

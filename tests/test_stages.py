@@ -176,3 +176,18 @@ def test_refit_add_model_and_eval(prepared, tmp_path):
     assert "linear_ceiling" in result["results"]["tiny-qwen3"]["controls"]
     report = json.loads((run / "eval-nla" / "fve_report.json").read_text())
     assert report["tags"]["tiny-qwen3"]["held_out"] is True if "tags" in report else True
+
+
+def test_verbalize_text_matches_the_stored_activation_of_that_text(prepared, tmp_path):
+    from nla_universal.nla.cli_ops import VerbalizeConfig, verbalize_cmd
+
+    run = copy_run(prepared, tmp_path / "run")
+    ar_sft(run, steps=1)
+    table = read_passages(run / "passages.parquet")
+    first_test = table.column("split").to_pylist().index("test")
+    common = dict(bundle=str(run / "bundle"), tag="tiny-gpt2", run_dir=str(run), max_new_tokens=6)
+    stored = verbalize_cmd(VerbalizeConfig(**common, split="test", limit=1))
+    expected = json.loads(stored.read_text().splitlines()[0])
+    assert expected["passage_id"] == table.column("passage_id")[first_test].as_py()
+    text = table.column("text")[first_test].as_py()
+    assert verbalize_cmd(VerbalizeConfig(**common, text=text, pool=str(run / "pool.yaml"))) == expected["explanation"]

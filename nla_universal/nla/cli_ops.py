@@ -1,10 +1,12 @@
 """The `verbalize` and `reconstruct` subcommands: a bundle applied to a run's activations and explanations.
 
     nla-universal verbalize bundle=out/bundle tag=gpt2-medium run_dir=runs/demo split=test
+    nla-universal verbalize bundle=out/bundle tag=gpt2-medium pool=out/pool.yaml text="Some passage."
     nla-universal reconstruct bundle=out/bundle tag=gpt2-medium run_dir=runs/demo
 
-`verbalize` writes `<run_dir>/explanations/<tag>.jsonl` (one line per activation row: row, passage_id,
-explanation, parsed, finish_reason); `reconstruct` reads it back, writes
+`verbalize` writes `<run_dir>/verbalized/<tag>.jsonl` (one line per activation row: row, passage_id,
+explanation, parsed, finish_reason); with `text=` it extracts that text's activation with the pooled
+model on the fly and prints the explanation. `reconstruct` reads the JSONL back, writes
 `<run_dir>/reconstructions/<tag>.parquet` (passage_id, row, activation) and scores the rows against
 the gold activations they came from.
 """
@@ -23,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .. import io
 from ..activations import read_activations
-from ..config import default_cache_dir, opt
+from ..config import default_cache_dir, load_pool, opt
 from ..corpus import read_passages, split_ids
 from ..errors import ConfigError, DataError
 from ..metrics import all_metrics
@@ -38,10 +40,12 @@ SPLITS = ("train", "val", "test", "all")
 class VerbalizeConfig:
     bundle: str = opt(help="bundle folder (holds nla_meta.yaml)")
     tag: str = opt(help="which pooled model's activations to verbalize")
+    text: str = opt("", "verbalize this text: its activation is extracted on the fly (needs `pool`)")
+    pool: str = opt("", "pool YAML (or name) that defines `tag`'s model, for text=")
     run_dir: str = opt("runs/demo", "run folder: reads passages.parquet and activations/<tag>/")
     split: str = opt("test", "passages to verbalize: train | val | test | all")
     limit: int = opt(32, "verbalize at most this many rows (0 = all)")
-    output: str = opt("", "JSONL path; default <run_dir>/explanations/<tag>.jsonl")
+    output: str = opt("", "JSONL path; default <run_dir>/verbalized/<tag>.jsonl")
     greedy: bool = opt(True, "greedy decoding; false = sample with temperature / top_p")
     max_new_tokens: int = opt(96, "tokens generated at most per explanation")
     temperature: float = opt(1.0, "sampling temperature (greedy=false)")
@@ -57,7 +61,7 @@ class ReconstructConfig:
     bundle: str = opt(help="bundle folder (holds nla_meta.yaml)")
     tag: str = opt(help="the pooled model whose space the reconstructions are decoded to")
     run_dir: str = opt("runs/demo", "run folder: gold activations/<tag>/ are read from here for scoring")
-    input: str = opt("", "JSONL with an `explanation` field per line; default <run_dir>/explanations/<tag>.jsonl")
+    input: str = opt("", "JSONL with an `explanation` field per line; default <run_dir>/verbalized/<tag>.jsonl")
     output: str = opt("", "parquet path; default <run_dir>/reconstructions/<tag>.parquet")
     device: str = opt("cpu", "cpu | cuda")
     cache_dir: str = opt(default_cache_dir(), "where converted packaged / random trunks are cached")
@@ -76,21 +80,44 @@ def _selected_rows(run_dir: Path, tag: str, split: str, limit: int):
     return acts, rows[:limit] if limit else rows
 
 
-def verbalize_cmd(cfg: VerbalizeConfig) -> Path:
+def text_activation(text: str, tag: str, pool_name: str, cache_dir: str, device: str) -> np.ndarray:
+    """[1, d_M]: `text` through `tag`'s pooled model at its layer, pooled as its pool entry says."""
+    from ..extract import ExtractConfig, extract_shard, resolve_device
+    from ..models import load_model
+
+    if not pool_name:
+        raise ConfigError("text= needs the pool that defines the tag's model", "add pool=<pool YAML or name>")
+    spec = load_pool(pool_name).spec(tag)
+    if spec.pool == "positions":
+        raise ConfigError(f"{tag} is pooled by positions", "text= verbalizes one row per text: use mean or last")
+    lm = load_model(spec, cache_dir=cache_dir, num_blocks="to_layer")
+    dev = resolve_device(device)
+    lm.model.to(dev)
+    _, X, _, _, bad = extract_shard(lm, ["text"], [text], ExtractConfig(), dev)
+    if bad or len(X) == 0:
+        raise DataError(f"{tag}: the text gives no finite activation (empty after special tokens, or NaN/inf)", "pass other text")
+    return X
+
+
+def verbalize_cmd(cfg: VerbalizeConfig) -> Path | str:
     run_dir = Path(cfg.run_dir)
     nla = UniversalNLA.load(cfg.bundle, cache_dir=cfg.cache_dir, device=cfg.device)
     nla.av.engine.batch_size = cfg.batch_size
     nla.av.engine.progress = True
-    acts, rows = _selected_rows(run_dir, cfg.tag, cfg.split, cfg.limit)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               greedy=cfg.greedy, seed=cfg.seed)
+    if cfg.text:
+        explanation = nla.explain(text_activation(cfg.text, cfg.tag, cfg.pool, cfg.cache_dir, cfg.device), cfg.tag, sampling)[0]
+        print(explanation.text)
+        return explanation.text
+    acts, rows = _selected_rows(run_dir, cfg.tag, cfg.split, cfg.limit)
     explanations = nla.explain(acts.X[rows], cfg.tag, sampling)
     lines = [
         json.dumps({"row": int(r), "passage_id": acts.passage_ids[r], "tag": cfg.tag, "explanation": e.text,
                     "parsed": e.parsed, "finish_reason": e.completion.finish_reason})
         for r, e in zip(rows, explanations)
     ]
-    out = Path(cfg.output) if cfg.output else run_dir / "explanations" / f"{cfg.tag}.jsonl"
+    out = Path(cfg.output) if cfg.output else run_dir / "verbalized" / f"{cfg.tag}.jsonl"
     io.write_text(out, "\n".join(lines) + "\n")
     parsed = sum(e.parsed for e in explanations)
     log.info("wrote %d explanations (%d with <explanation> tags) to %s", len(lines), parsed, out)
@@ -119,7 +146,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def reconstruct_cmd(cfg: ReconstructConfig) -> dict:
     run_dir = Path(cfg.run_dir)
-    source = Path(cfg.input) if cfg.input else run_dir / "explanations" / f"{cfg.tag}.jsonl"
+    source = Path(cfg.input) if cfg.input else run_dir / "verbalized" / f"{cfg.tag}.jsonl"
     records = _read_jsonl(source)
     nla = UniversalNLA.load(cfg.bundle, cache_dir=cfg.cache_dir, device=cfg.device)
     predicted = nla.reconstruct([r["explanation"] for r in records], cfg.tag).numpy().astype(np.float32)
