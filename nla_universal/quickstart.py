@@ -46,7 +46,7 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(passages=80, teacher_tokens=32, ar_steps=4, av_steps=4, batch=4, refit_train=20, refit_val=4,
                   test=6, gen_tokens=20, min_overlap=12, n_boot=200, random=1),
     # ≤ 20 min on the 2-core CPU machine.
-    "default": dict(passages=480, teacher_tokens=40, ar_steps=150, av_steps=120, batch=8, refit_train=96, refit_val=24,
+    "default": dict(passages=400, teacher_tokens=40, ar_steps=120, av_steps=64, batch=8, refit_train=64, refit_val=16,
                     test=0, gen_tokens=40, min_overlap=32, n_boot=1000, random=2),
     # one GPU: more text, more steps.
     "gpu": dict(passages=2000, teacher_tokens=64, ar_steps=1000, av_steps=1500, batch=16, refit_train=512, refit_val=128,

@@ -212,3 +212,16 @@ def test_inf_forward_names_tag_and_passages_unless_dropped(tmp_path, run_dir):
     extract(cfg_for(run, pool_file, drop_nonfinite=True))
     meta = io.read_yaml(run / "activations" / "tiny-inf" / "meta.yaml")
     assert meta["dropped_nonfinite"] == 24 and meta["n_rows"] == 0
+
+
+@pytest.mark.slow
+def test_real_packaged_models_extract_finite_activations_on_the_builtin_corpus(tmp_path):
+    run = tmp_path / "run"
+    write_passages(build_passages(CorpusConfig(max_passages=12)), run / "passages.parquet")
+    extract(ExtractConfig(run_dir=str(run), pool="demo", batch_size=4))
+    dims = {"smollm2-135m": 576, "gemma3-270m": 640}
+    for tag, d in dims.items():
+        acts = activations.read_activations(run / "activations", tag)
+        assert acts.X.shape == (12, d) and np.isfinite(acts.X).all()
+        assert acts.meta["layer"] == round(0.5 * (acts.meta["num_layers"] - 1))
+        assert (acts.n_tokens > 0).all()

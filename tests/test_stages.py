@@ -3,6 +3,7 @@
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from nla_universal.config import CorpusConfig, ModelSpec
 from nla_universal.corpus import build_passages, read_passages, write_passages
-from nla_universal.errors import DataError
+from nla_universal.errors import ConfigError, DataError
 from nla_universal.evaluate_nla import EvalConfig, run_eval
 from nla_universal.extract import ExtractConfig, extract
 from nla_universal.nla.av import AVConfig
@@ -191,3 +192,23 @@ def test_verbalize_text_matches_the_stored_activation_of_that_text(prepared, tmp
     assert expected["passage_id"] == table.column("passage_id")[first_test].as_py()
     text = table.column("text")[first_test].as_py()
     assert verbalize_cmd(VerbalizeConfig(**common, text=text, pool=str(run / "pool.yaml"))) == expected["explanation"]
+
+
+def test_bad_inputs_name_the_problem(prepared, tmp_path):
+    run = copy_run(prepared, tmp_path / "run")
+    ar_sft(run, steps=1)
+    # a config whose trunk (anchor) differs from the bundle's
+    other = dict(POOL, anchor="tiny-gpt2")
+    (run / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(ConfigError, match="trained on trunk 'tiny-llama'"):
+        run_sft_av(AVSFTConfig(run=RunConfig(run_dir=str(run), pool=str(run / "other.yaml")), loop=LoopConfig(steps=1, **FAST)))
+    # a bundle whose tags lack activations
+    shutil.rmtree(run / "activations" / "tiny-gpt2")
+    with pytest.raises(DataError, match="no activations for tag 'tiny-gpt2'"):
+        run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=4, n_boot=10, tags=["tiny-gpt2"]))
+    # a corpus without z
+    table = read_passages(run / "passages.parquet").drop_columns(["z", "teacher"])
+    write_passages(table, run / "passages.parquet")
+    with pytest.raises(DataError, match="run `nla-universal teach` first"):
+        run_sft_av(AVSFTConfig(run=run_cfg(run), loop=LoopConfig(steps=1, **FAST)))
+    assert not (run / "stages" / "sft-av.json").exists()
