@@ -28,6 +28,7 @@ from .metrics import fve_centred, fve_meannorm, normalised_mean, normalize_rows
 
 WEIGHTS_FILE = "adapters.safetensors"
 META_FILE = "adapters.json"
+DEFAULT_RIDGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # λ choices scored on val by stages that have val rows
 RIDGE_FALLBACK = 1e-4  # × mean(diag XᵀX), the seed's fallback strength
 SUMMARY_KEYS = ("N", "solver", "ridge", "condition", "fallback", "val")
 
@@ -410,6 +411,19 @@ def encode_rows(fit_or_adapters: FitResult | PoolAdapters, tag: str, h: np.ndarr
     return normalize_rows(v)
 
 
+def fit_tag(acts: Activations, anchor: Activations, train_ids: list[str], val_ids: list[str],
+            cfg: AdapterFitConfig) -> tuple[FitResult, FitResult, dict, dict]:
+    """enc_M against the anchor, then the linear-ceiling dec_M from enc_M's outputs back to n(h_M)."""
+    tag = acts.tag
+    enc, enc_report = fit_encoder(acts, anchor, train_ids, val_ids, cfg)
+    index = _rows_by_id(acts)
+    h_tr = acts.X[[index[p] for p in train_ids if p in index]]
+    h_va = acts.X[[index[p] for p in val_ids if p in index]]
+    dec, dec_report = fit_decoder(encode_rows(enc, tag, h_tr), h_tr, tag=tag, cfg=cfg,
+                                  V_val=encode_rows(enc, tag, h_va), h_val=h_va, kind="linear_ceiling_decoder")
+    return enc, dec, enc_report, dec_report
+
+
 def fit_pool_adapters(activations_root: str | Path, passages_parquet: str | Path, pool: PoolConfig,
                       out_folder: str | Path, cfg: AdapterFitConfig) -> PoolAdapters:
     """enc_M against the anchor and the linear-ceiling dec_M for every tag (held-out ones too).
@@ -427,13 +441,7 @@ def fit_pool_adapters(activations_root: str | Path, passages_parquet: str | Path
     adapters.add(pool.anchor, eye, eye.clone())
     summary = {pool.anchor: {"anchor": True, "solver": "identity"}}
     for tag in tqdm([t for t in pool.tags if t != pool.anchor], desc="adapter fits", unit="tag"):
-        acts = read_activations(activations_root, tag)
-        enc, enc_report = fit_encoder(acts, anchor, train_ids, val_ids, cfg)
-        index = _rows_by_id(acts)
-        h_tr = acts.X[[index[p] for p in train_ids if p in index]]
-        h_va = acts.X[[index[p] for p in val_ids if p in index]]
-        dec, dec_report = fit_decoder(encode_rows(enc, tag, h_tr), h_tr, tag=tag, cfg=cfg,
-                                      V_val=encode_rows(enc, tag, h_va), h_val=h_va, kind="linear_ceiling_decoder")
+        enc, dec, enc_report, dec_report = fit_tag(read_activations(activations_root, tag), anchor, train_ids, val_ids, cfg)
         adapters.add(tag, enc.weight, dec.weight, enc.bias, dec.bias)
         for kind, report in (("encoder", enc_report), ("decoder", dec_report)):
             io.write_text(out / f"fit_{kind}_{tag}.json", json.dumps(report, indent=2))

@@ -60,8 +60,8 @@ def score_bundle_tag(nla: UniversalNLA, run_dir: Path, table, tag: str, cfg: Eva
     V = ar_shared(nla, z)
     pred = decode(nla, tag, V)
     controls = {"shuffled_z": decode(nla, tag, V[derangement(len(z), seed=0)])}
-    if all(test.z):
-        controls["teacher_z"] = decode(nla, tag, ar_shared(nla, [str(t) for t in test.z]))
+    if any(test.z):  # a passage whose teacher reply was dropped counts with an empty explanation
+        controls["teacher_z"] = decode(nla, tag, ar_shared(nla, [t or "" for t in test.z]))
     if linear is not None and tag in linear.tags:
         controls["linear_ceiling"] = linear_ceiling_predictions(linear, tag, test.H)
     scores = score_tag(test.H, normalize_rows(pred), train_mean, controls, texts=z, n_boot=cfg.n_boot)
@@ -103,7 +103,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         log.info("%s: fve_centred %.3f (shuffled_z %.3f)", tag, m["metrics"]["fve_centred"], m["controls"]["shuffled_z"]["fve_centred"])
     note = ("Predictor: dec_M(AR(AV(enc_M(h)))) — the AV's own greedy explanations, read back by the AR. "
             "`shuffled_z`: the AR on another test passage's explanation (same tag). `teacher_z`: the AR on the "
-            "teacher's explanation. `linear_ceiling`: dec_M(enc_M(h)) with no text in between.")
+            "teacher's explanation (an empty one where the teacher's reply was dropped). `linear_ceiling`: dec_M(enc_M(h)) with no text in between.")
     files = write_report(results, out, title=f"Universal NLA round trip — test split ({bundle_dir(cfg.run)})",
                          held_out={t: i.held_out for t, i in nla.meta.tags.items()},
                          random_weights={m.tag: m.source == "random" for m in pool.models},

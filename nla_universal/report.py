@@ -15,7 +15,7 @@ from typing import Mapping
 from . import io
 from .errors import DataError
 
-CONTROLS = ("mean_predictor", "shuffled_z", "linear_ceiling")
+CONTROLS = ("mean_predictor", "shuffled_z", "teacher_z", "linear_ceiling")
 NOTES = (
     "All scores on the test split (held-out text), rows rescaled to norm √d. fve_centred = "
     "1 − Σ‖g − p‖² / Σ‖g − μ‖² with μ the train rows' mean (the headline); fve_meannorm is the seed's "
@@ -75,8 +75,8 @@ def _row(tag: str, r: dict, random: bool) -> str:
 
 
 def markdown(data: dict, extra_md: str = "") -> str:
-    header = ("| tag | N | fve_centred [95% CI] | fve_meannorm | cos | mean_predictor | shuffled_z | linear_ceiling "
-              "| Δ vs shuffled_z [CI] | distinct_z |\n|" + "---|" * 10)
+    header = ("| tag | N | fve_centred [95% CI] | fve_meannorm | cos | " + " | ".join(CONTROLS)
+              + " | Δ vs shuffled_z [CI] | distinct_z |\n|" + "---|" * (7 + len(CONTROLS)))
     lines = [f"# {data['title']}", "", data["notes"], ""]
     for group, heading in (("trained", "Trained models"), ("held_out", "Held-out models (never trained the AV/AR)")):
         tags = [t for t, r in data["tags"].items() if r["held_out"] == (group == "held_out")]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import io
-from .adapters import AdapterFitConfig, fit_pool_adapters
+from .adapters import DEFAULT_RIDGE_GRID, AdapterFitConfig, fit_pool_adapters
 from .config import CorpusConfig, default_cache_dir, load_pool, opt
 from .corpus import build_passages, fingerprint, read_passages, write_passages
 from .errors import DataError
@@ -74,7 +74,8 @@ def run_pool(cfg: PoolStageConfig) -> None:
 class FitAdaptersConfig:
     run_dir: str = opt("runs/demo", "run folder: reads passages.parquet and activations/, writes adapters/")
     pool: str = opt("demo", "pool YAML path, or the name of one in configs/pools/")
-    fit: AdapterFitConfig = opt(help="the least-squares solve", factory=AdapterFitConfig)
+    fit: AdapterFitConfig = opt(help="the least-squares solve",
+                                factory=lambda: AdapterFitConfig(ridge_grid=list(DEFAULT_RIDGE_GRID)))
 
 
 def run_fit_adapters(cfg: FitAdaptersConfig) -> Path:

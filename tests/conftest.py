@@ -37,3 +37,14 @@ def smollm2_spec(demo_pool) -> ModelSpec:
 def gemma3_spec(demo_pool) -> ModelSpec:
     """The real Gemma 3 270M (packaged GGUF), as the demo pool lists it."""
     return demo_pool.spec("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and much faster on a shared 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

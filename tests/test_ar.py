@@ -12,12 +12,7 @@ from nla_universal.nla.ar import VALUE_HEAD_FILE, last_real_index
 TEXTS = ["Cats sleep.", "The Roman aqueducts carried water across valleys on arches of stone.", "Tea"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec(model_type: str) -> ModelSpec:

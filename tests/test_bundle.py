@@ -21,12 +21,7 @@ TRUNK = ModelSpec(tag="tiny-llama", source="random", name="llama", layer=1)
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pool_adapters(d_shared: int, anchor: str, other_d: int = 32) -> PoolAdapters:

@@ -17,13 +17,7 @@ from nla_universal.rollout import SamplingParams
 TAGS = ["x", "a-much-longer-model-tag-7"]  # prompts of different lengths → real left padding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is faster, and much faster on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_av(model_type: str, seed: int = 0) -> AV:

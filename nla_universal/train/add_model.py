@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import io
 from ..activations import read_activations
-from ..adapters import AdapterFitConfig, PoolAdapters, encode_rows, fit_decoder, fit_encoder
+from ..adapters import DEFAULT_RIDGE_GRID, AdapterFitConfig, PoolAdapters, fit_tag
 from ..config import ModelSpec, PoolConfig, check_tag, load_pool, opt, validate_pool
 from ..corpus import read_passages, split_ids
 from ..errors import ConfigError
@@ -32,7 +32,8 @@ class AddModelConfig:
     run: RunConfig = opt(help="run folder (with the trained bundle), pool (for the anchor), device", factory=RunConfig)
     model: ModelSpec = opt(help="the new model: tag, source, name, layer or depth, pool, dtype, …", factory=ModelSpec)
     extract_batch_size: int = opt(16, "passages per forward while extracting")
-    fit: AdapterFitConfig = opt(help="the least-squares solves", factory=AdapterFitConfig)
+    fit: AdapterFitConfig = opt(help="the least-squares solves (λ chosen on val)",
+                                factory=lambda: AdapterFitConfig(ridge_grid=list(DEFAULT_RIDGE_GRID)))
     train_passages: int = opt(256, "train passages the decoder is fitted on (AV generation is the cost)")
     val_passages: int = opt(64, "val passages the fits are scored on")
     max_new_tokens: int = opt(48, "AV generation length")
@@ -49,10 +50,7 @@ def fit_new_adapters(run_dir: Path, anchor: str, tag: str, fit_cfg: AdapterFitCo
     table = read_passages(run_dir / "passages.parquet")
     train_ids, val_ids = split_ids(table, "train"), split_ids(table, "val")
     acts, anchor_acts = read_activations(run_dir / "activations", tag), read_activations(run_dir / "activations", anchor)
-    enc, enc_report = fit_encoder(acts, anchor_acts, train_ids, val_ids, fit_cfg)
-    index = {p: i for i, p in enumerate(acts.passage_ids)}
-    h_tr = acts.X[[index[p] for p in train_ids if p in index]]
-    dec, dec_report = fit_decoder(encode_rows(enc, tag, h_tr), h_tr, tag=tag, cfg=fit_cfg, kind="linear_ceiling_decoder")
+    enc, dec, enc_report, dec_report = fit_tag(acts, anchor_acts, train_ids, val_ids, fit_cfg)
     linear_dir = run_dir / "adapters"
     linear = PoolAdapters.load(linear_dir)
     linear.add(tag, enc.weight, dec.weight, enc.bias, dec.bias)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters import AdapterFitConfig, fit_decoder
+from ..adapters import DEFAULT_RIDGE_GRID, AdapterFitConfig, fit_decoder
 from ..config import load_pool, opt
 from ..errors import ConfigError
 from ..explanations import explain_rows
@@ -46,7 +46,8 @@ class RefitConfig:
     val_passages: int = opt(64, "val passages per tag the fits are scored on")
     max_new_tokens: int = opt(48, "AV generation length")
     generate_batch_size: int = opt(8, "AV prompts per generate call")
-    fit: AdapterFitConfig = opt(help="the least-squares solve", factory=AdapterFitConfig)
+    fit: AdapterFitConfig = opt(help="the least-squares solve (λ chosen on the val passages' AV path)",
+                                factory=lambda: AdapterFitConfig(ridge_grid=list(DEFAULT_RIDGE_GRID)))
 
 
 def ar_shared(nla: UniversalNLA, texts: list[str]) -> np.ndarray:
@@ -74,7 +75,7 @@ def refit_tag(nla: UniversalNLA, run_dir: Path, table, tag: str, cfg: RefitConfi
     report: dict = {"tag": tag, "source": cfg.source, "N_train": len(train), "N_val": len(val), "fits": {}}
     chosen = None
     for source, V in inputs.items():
-        fit, fit_report = fit_decoder(V, train.H, tag=tag, cfg=cfg.fit, kind=f"decoder_from_{source}")
+        fit, fit_report = fit_decoder(V, train.H, tag=tag, cfg=cfg.fit, V_val=V_val, h_val=val.H, kind=f"decoder_from_{source}")
         pred = normalize_rows(fit.predict(V_val))
         fit_report["val_through_av"] = {"fve_centred": fve_centred(val.H, pred, mu), "fve_meannorm": fve_meannorm(val.H, pred)}
         report["fits"][source] = fit_report

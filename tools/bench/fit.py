@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -39,6 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     X, Y = synthetic(args.n, args.d_in, args.d_out, args.rank, args.seed)
 
+    load_before = os.getloadavg()[0]  # other work on the 2 cores slows both solvers alike
     fit = fit_linear(X, Y)
     # numpy gets float64 copies: its answer is the accurate reference the rel_diff is measured against
     X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
@@ -57,7 +59,7 @@ def main() -> None:
         "condition": fit.condition,
         "fallback": fit.fallback,
         "n": args.n, "d_in": args.d_in, "d_out": args.d_out, "rank": args.rank, "seed": args.seed,
-        "numpy_dtype": "float64", "threads": torch.get_num_threads(),
+        "numpy_dtype": "float64", "threads": torch.get_num_threads(), "loadavg_1m_before": round(load_before, 2),
     }))
 
 
