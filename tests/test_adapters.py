@@ -12,14 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from nla_universal import activations, io
-from nla_universal.adapters import (
-    AdapterFitConfig,
-    PoolAdapters,
-    fit_encoder,
-    fit_linear,
-    fit_linear_path,
-    fit_pool_adapters,
-)
+from nla_universal.adapters import AdapterFitConfig, PoolAdapters, fit_encoder, fit_pool_adapters
+from nla_universal.lstsq import fit_linear, fit_linear_path
 from nla_universal.config import ModelSpec, PoolConfig
 from nla_universal.corpus import write_passages
 from nla_universal.errors import ConfigError, DataError

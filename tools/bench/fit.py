@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from nla_universal.adapters import fit_linear
+from nla_universal.lstsq import fit_linear
 from nla_universal.metrics import normalize_rows
 
 
