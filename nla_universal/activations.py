@@ -31,18 +31,6 @@ class Activations:
     def d(self) -> int:
         return int(self.X.shape[1])
 
-    def select(self, ids: list[str] | set[str]) -> "Activations":
-        """Rows whose passage id is in `ids`, in this store's order."""
-        keep = np.fromiter((p in ids for p in self.passage_ids), bool, len(self.passage_ids))
-        return Activations(
-            self.tag,
-            [p for p, k in zip(self.passage_ids, keep) if k],
-            self.X[keep],
-            self.n_tokens[keep],
-            self.meta,
-            None if self.positions is None else self.positions[keep],
-        )
-
 
 def tag_dir(root: str | Path, tag: str) -> Path:
     return Path(root) / tag
@@ -107,7 +95,3 @@ def read_activations(root: str | Path, tag: str) -> Activations:
         positions=positions,
     )
 
-
-def available_tags(root: str | Path) -> list[str]:
-    root = Path(root)
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and io.is_complete(p)) if root.is_dir() else []

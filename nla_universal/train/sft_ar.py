@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import load_pool, opt
+from ..config import opt
 from ..extract import resolve_device
 from ..nla.injection import rescale
 from ..nla.loss import mse_nrm
-from .data import TagRows, example_index, mark_stage_done, passages_with_z, stage_done, tag_rows, teacher_of, trained_tags
+from .data import TagRows, example_index, mark_stage_done, stage_done
 from .loop import LoopConfig, named_trainable, train
-from .workspace import BundleInitConfig, RunConfig, bundle_teacher_check, open_bundle, save_bundle, settings
+from .workspace import BundleInitConfig, RunConfig, save_bundle, settings, sft_inputs
 
 log = logging.getLogger(__name__)
 STAGE = "sft-ar"
@@ -59,17 +59,12 @@ def run_sft_ar(cfg: ARSFTConfig) -> dict:
         log.info("%s: done already (%s)", STAGE, record.get("final"))
         return record
     started = time.time()
-    pool = load_pool(cfg.run.pool)
-    table = passages_with_z(run_dir)
-    nla = open_bundle(cfg.run, pool, cfg.init)
-    bundle_teacher_check(nla, teacher_of(table))
-    tags = trained_tags(pool)
-    rows = {t: tag_rows(run_dir, table, t, "train", need_z=True) for t in tags}
-    val = {t: tag_rows(run_dir, table, t, "val", need_z=True, limit=cfg.val_passages) for t in tags}
+    inputs = sft_inputs(cfg.run, cfg.val_passages, cfg.init)
+    nla, rows, val = inputs.nla, inputs.rows, inputs.val
     targets = {t: shared_targets(nla, r) for t, r in rows.items()}
     val_targets = {t: shared_targets(nla, r) for t, r in val.items()}
     examples = example_index(rows)
-    log.info("%s: %d examples over %d tags", STAGE, len(examples), len(tags))
+    log.info("%s: %d examples over %d tags", STAGE, len(examples), len(rows))
     before = ar_val_metrics(nla, val, val_targets)
     device = resolve_device(cfg.run.device)
     nla.ar.train()

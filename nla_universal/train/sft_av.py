@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import load_pool, opt
+from ..config import opt
 from ..extract import resolve_device
 from ..metrics import distinct_share
 from ..rollout import SamplingParams
-from .data import TagRows, example_index, gather, mark_stage_done, passages_with_z, stage_done, tag_rows, teacher_of, trained_tags
+from .data import TagRows, example_index, gather, mark_stage_done, stage_done
 from .loop import LoopConfig, named_trainable, train
-from .workspace import RunConfig, bundle_teacher_check, open_bundle, save_bundle, settings
+from .workspace import RunConfig, save_bundle, settings, sft_inputs
 
 log = logging.getLogger(__name__)
 STAGE = "sft-av"
@@ -68,13 +68,9 @@ def run_sft_av(cfg: AVSFTConfig) -> dict:
         log.info("%s: done already (%s)", STAGE, record.get("final"))
         return record
     started = time.time()
-    pool = load_pool(cfg.run.pool)
-    table = passages_with_z(run_dir)
-    nla = open_bundle(cfg.run, pool)
-    bundle_teacher_check(nla, teacher_of(table))
-    tags = trained_tags(pool)
-    rows = {t: tag_rows(run_dir, table, t, "train", need_z=True) for t in tags}
-    val = {t: tag_rows(run_dir, table, t, "val", need_z=True, limit=cfg.val_passages) for t in tags}
+    inputs = sft_inputs(cfg.run, cfg.val_passages)
+    nla, rows, val, anchor = inputs.nla, inputs.rows, inputs.val, inputs.pool.anchor
+    tags = list(rows)
     examples, val_examples = example_index(rows), example_index(val)
     probe = [val_examples[i] for i in np.random.default_rng(0).permutation(len(val_examples))[: cfg.collapse_sample]]
     av = nla.av
@@ -83,11 +79,11 @@ def run_sft_av(cfg: AVSFTConfig) -> dict:
     groups = [{"params": [p for p in av.model.parameters() if p.requires_grad]}]
     named = named_trainable([("av", av.model)])
     if cfg.train_enc:
-        enc = [m for tag, m in nla.adapters.encoders.items() if tag in tags and tag != pool.anchor]
+        enc = [m for tag, m in nla.adapters.encoders.items() if tag in tags and tag != anchor]
         for m in enc:
             m.requires_grad_(True)
         groups.append({"params": [p for m in enc for p in m.parameters()], "lr": cfg.enc_lr})
-        named.update(named_trainable([(f"enc.{tag}", m) for tag, m in nla.adapters.encoders.items() if tag in tags and tag != pool.anchor]))
+        named.update(named_trainable([(f"enc.{tag}", m) for tag, m in nla.adapters.encoders.items() if tag in tags and tag != anchor]))
     device = resolve_device(cfg.run.device)
 
     def loss_fn(idx: np.ndarray):

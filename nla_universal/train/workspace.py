@@ -18,14 +18,14 @@ import torch
 
 from ..activations import read_activations
 from ..adapters import PoolAdapters
-from ..config import PoolConfig, default_cache_dir, opt
+from ..config import PoolConfig, default_cache_dir, load_pool, opt
 from ..errors import ConfigError, DataError
 from ..extract import resolve_device
 from ..nla.api import UniversalNLA
 from ..nla.ar import ARConfig
 from ..nla.av import AVConfig
 from ..nla.bundle import TagInfo, read_reports
-from .data import passages_with_z, teacher_of
+from .data import TagRows, passages_with_z, tag_rows, teacher_of, trained_tags
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,30 @@ def bundle_teacher_check(nla: UniversalNLA, teacher: str | None) -> None:
         nla.meta.teacher_id = teacher
 
 
+@dataclass
+class SFTInputs:
+    """What both SFT stages train on: the bundle and, per trained tag, train and val rows with z."""
+
+    run_dir: Path
+    pool: PoolConfig
+    nla: UniversalNLA
+    rows: dict[str, TagRows]
+    val: dict[str, TagRows]
+
+
+def sft_inputs(run: RunConfig, val_passages: int, init: BundleInitConfig | None = None) -> SFTInputs:
+    """Passages from one teacher, the bundle (refusing a second teacher), and the rows of every trained tag."""
+    run_dir = Path(run.run_dir)
+    pool = load_pool(run.pool)
+    table = passages_with_z(run_dir)
+    nla = open_bundle(run, pool, init)
+    bundle_teacher_check(nla, teacher_of(table))
+    tags = trained_tags(pool)
+    rows = {t: tag_rows(run_dir, table, t, "train", need_z=True) for t in tags}
+    val = {t: tag_rows(run_dir, table, t, "val", need_z=True, limit=val_passages) for t in tags}
+    return SFTInputs(run_dir, pool, nla, rows, val)
+
+
 def settings(*configs) -> dict:
     return {type(c).__name__: asdict(c) for c in configs}
 
-
-def free(*objs) -> None:
-    del objs
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
