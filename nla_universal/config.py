@@ -71,7 +71,7 @@ class ModelSpec:
 class PoolConfig:
     """A pool of models sharing one AV/AR; the anchor's space is d_shared."""
 
-    anchor: str = opt(help="tag of the trunk's own model (identity adapters)")
+    anchor: str = opt(help="tag of the trunk's own model (its enc_M is the identity, minus the shared mean when centred)")
     models: list[ModelSpec] = opt(help="the pooled models", factory=list)
 
     def spec(self, tag: str) -> ModelSpec:

@@ -28,7 +28,8 @@ def av_fingerprint(nla: UniversalNLA, tag: str, sampling: SamplingParams) -> str
         if "lora_" in name:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
-    h.update(nla.adapters.encoders[tag].weight.detach().float().cpu().numpy().tobytes())
+    for p in nla.adapters.encoders[tag].parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
     h.update(json.dumps([nla.av.template, nla.av.injection_scale, asdict(sampling)], sort_keys=True).encode())
     return h.hexdigest()[:16]
 

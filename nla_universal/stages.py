@@ -76,12 +76,17 @@ class FitAdaptersConfig:
     pool: str = opt("demo", "pool YAML path, or the name of one in configs/pools/")
     fit: AdapterFitConfig = opt(help="the least-squares solve",
                                 factory=lambda: AdapterFitConfig(ridge_grid=list(DEFAULT_RIDGE_GRID)))
+    centre: bool = opt(
+        True,
+        "centre the shared space on the anchor's train mean μ (enc_anchor = identity − μ; every dec_M gets a bias): "
+        "pooled rows share one dominant direction, which would otherwise drown the passage-specific part",
+    )
 
 
 def run_fit_adapters(cfg: FitAdaptersConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     out = run_dir / "adapters"
-    fit_pool_adapters(run_dir / "activations", run_dir / "passages.parquet", load_pool(cfg.pool), out, cfg.fit)
+    fit_pool_adapters(run_dir / "activations", run_dir / "passages.parquet", load_pool(cfg.pool), out, cfg.fit, cfg.centre)
     print(out)
     return out
 

@@ -211,9 +211,10 @@ def test_add_and_encode_check_shapes_and_tags():
 def test_fit_pool_adapters_writes_everything_and_generalises(tmp_path):
     acts, passages, _, _ = make_pool(tmp_path)
     out = tmp_path / "bundle" / "adapters"
-    ad = fit_pool_adapters(acts, passages, pool_config(), out, AdapterFitConfig())
-    assert ad.tags == ["anc", "lin", "ho"] and ad.dims == DIMS
+    ad = fit_pool_adapters(acts, passages, pool_config(), out, AdapterFitConfig(), centre=False)
+    assert ad.tags == ["anc", "lin", "ho"] and ad.dims == DIMS and ad.centre is None
     torch.testing.assert_close(ad.encoders["anc"].weight, torch.eye(16))
+    torch.testing.assert_close(ad.decoders["anc"].weight, torch.eye(16))
     assert PoolAdapters.load(out, expect_tags=["anc", "lin", "ho"]).dims == DIMS
     for tag in ("lin", "ho"):
         for kind in ("encoder", "decoder"):
@@ -222,7 +223,27 @@ def test_fit_pool_adapters_writes_everything_and_generalises(tmp_path):
             assert {"d_in", "d_out", "solver", "seconds", "condition", "in_sample"} <= set(report)
             assert report["val"]["fve_centred"] > 0.9, (tag, kind, report["val"])
     summary = json.loads((out / "fit_summary.json").read_text())
-    assert summary["tags"]["ho"]["held_out"] is True and summary["tags"]["anc"]["solver"] == "identity"
+    assert summary["tags"]["ho"]["held_out"] is True and summary["tags"]["anc"]["encoder"] == "identity"
+    assert summary["centre"] is False
+
+
+def test_the_shared_space_is_centred_on_the_anchors_train_mean(tmp_path):
+    acts, passages, stores, splits = make_pool(tmp_path)
+    out = tmp_path / "adapters"
+    ad = fit_pool_adapters(acts, passages, pool_config(), out, AdapterFitConfig())
+    train = np.array(splits) == "train"
+    np.testing.assert_allclose(ad.centre, normalize_rows(stores["anc"][train]).mean(0), atol=1e-5)
+    torch.testing.assert_close(ad.encoders["anc"].weight, torch.eye(16))
+    for tag in ("anc", "lin", "ho"):
+        with torch.no_grad():
+            v = ad.encode(tag, torch.as_tensor(normalize_rows(stores[tag][train])).float())
+        # every model's train rows land around 0 of the shared space, not around μ
+        assert float(v.mean(0).norm()) < 0.02 * float(v.norm(dim=1).mean()), tag
+        assert ad.decoders[tag].bias is not None
+    report = json.loads((out / "fit_decoder_anc.json").read_text())
+    assert report["val"]["fve_centred"] > 0.9  # the anchor's ceiling through the centred, renormalised space
+    np.testing.assert_allclose(PoolAdapters.load(out).centre, ad.centre)
+    assert json.loads((out / "fit_summary.json").read_text())["tags"]["anc"]["encoder"] == "identity − μ"
 
 
 def test_test_split_never_reaches_a_fit(tmp_path):
@@ -277,7 +298,7 @@ def test_ridge_grid_is_chosen_on_val(tmp_path):
 
 def test_bias_option_is_stored_and_used(tmp_path):
     acts, passages, stores, _ = make_pool(tmp_path)
-    ad = fit_pool_adapters(acts, passages, pool_config(), tmp_path / "out", AdapterFitConfig(bias=True))
+    ad = fit_pool_adapters(acts, passages, pool_config(), tmp_path / "out", AdapterFitConfig(bias=True), centre=False)
     assert ad.encoders["lin"].bias is not None and ad.encoders["anc"].bias is None
     back = PoolAdapters.load(tmp_path / "out")
     h = torch.as_tensor(normalize_rows(stores["lin"][:5])).float()

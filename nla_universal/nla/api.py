@@ -5,8 +5,8 @@
     h_hat = nla.reconstruct(texts, "gpt2-medium")     # [N, d_M]
     report = nla.roundtrip(h, "gpt2-medium")          # every metric + the explanations
 
-Path: h → n(h) at √d_M → enc_M → AV (injected at injection_scale) → text → AR → n(·) at √d_shared
-→ dec_M.
+Path: h → n(h) at √d_M → enc_M (affine; subtracts the shared space's mean when centred) → AV
+(injected at injection_scale) → text → AR → n(·) at √d_shared → dec_M (adds the model's mean back).
 """
 
 from __future__ import annotations

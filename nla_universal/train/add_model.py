@@ -37,6 +37,7 @@ class AddModelConfig:
     train_passages: int = opt(256, "train passages the decoder is fitted on (AV generation is the cost)")
     val_passages: int = opt(64, "val passages the fits are scored on")
     max_new_tokens: int = opt(48, "AV generation length")
+    generate_batch_size: int = opt(8, "AV prompts per generate call")
 
 
 def extended_pool(pool: PoolConfig, spec: ModelSpec) -> PoolConfig:
@@ -46,13 +47,14 @@ def extended_pool(pool: PoolConfig, spec: ModelSpec) -> PoolConfig:
 
 
 def fit_new_adapters(run_dir: Path, anchor: str, tag: str, fit_cfg: AdapterFitConfig):
-    """enc_M vs the anchor and the linear-ceiling dec_M, also recorded in run_dir/adapters (for eval's control)."""
+    """enc_M vs the anchor (in the shared space's centring) and the linear-ceiling dec_M, also recorded in
+    run_dir/adapters (for eval's control)."""
     table = read_passages(run_dir / "passages.parquet")
     train_ids, val_ids = split_ids(table, "train"), split_ids(table, "val")
     acts, anchor_acts = read_activations(run_dir / "activations", tag), read_activations(run_dir / "activations", anchor)
-    enc, dec, enc_report, dec_report = fit_tag(acts, anchor_acts, train_ids, val_ids, fit_cfg)
     linear_dir = run_dir / "adapters"
     linear = PoolAdapters.load(linear_dir)
+    enc, dec, enc_report, dec_report = fit_tag(acts, anchor_acts, train_ids, val_ids, fit_cfg, linear.centre)
     linear.add(tag, enc.weight, dec.weight, enc.bias, dec.bias)
     linear.save(linear_dir)
     for kind, report in (("encoder", enc_report), ("decoder", dec_report)):
@@ -77,7 +79,7 @@ def run_add_model(cfg: AddModelConfig) -> dict:
     nla.adapters.add(spec.tag, enc.weight, dec.weight, enc.bias, dec.bias)
     nla.meta.tags[spec.tag] = TagInfo(int(meta["d_model"]), int(meta["layer"]), str(meta["pool"]), held_out=True)
     refit_cfg = RefitConfig(run=cfg.run, train_passages=cfg.train_passages, val_passages=cfg.val_passages,
-                            max_new_tokens=cfg.max_new_tokens, fit=cfg.fit)
+                            max_new_tokens=cfg.max_new_tokens, generate_batch_size=cfg.generate_batch_size, fit=cfg.fit)
     report = refit_tag(nla, run_dir, passages_with_z(run_dir, need_z=False), spec.tag, refit_cfg)
     nla.reports.update(read_reports(run_dir / "adapters", "adapters/"))
     nla.reports[f"adapters/refit_{spec.tag}.json"] = report

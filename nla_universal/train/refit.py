@@ -39,8 +39,8 @@ class RefitConfig:
     tags: list[str] = opt(help="refit only these tags (default: every tag of the bundle)", factory=list)
     refit_anchor: bool = opt(
         True,
-        "also refit the anchor's dec (its enc stays the identity): the AR's raw outputs do not live where the "
-        "anchor's pooled activations do, so an identity dec scores far below the mean predictor",
+        "also refit the anchor's dec (its enc stays fixed): the AR's outputs do not live where the anchor's "
+        "pooled activations do (and in a centred shared space the dec must add μ back)",
     )
     train_passages: int = opt(256, "train passages per tag the decoder is fitted on")
     val_passages: int = opt(64, "val passages per tag the fits are scored on")
