@@ -26,7 +26,7 @@ from nla_universal.train.add_model import AddModelConfig, run_add_model
 from nla_universal.train.loop import LoopConfig
 from nla_universal.train.refit import RefitConfig, run_refit_dec
 from nla_universal.train.sft_ar import ARSFTConfig, run_sft_ar
-from nla_universal.train.sft_av import AVSFTConfig, collapse_alarm, run_sft_av
+from nla_universal.train.sft_av import AVSFTConfig, collapse_alarm, run_sft_av, swapped_vectors
 from nla_universal.train.workspace import BundleInitConfig, RunConfig
 
 TEACHER = "fixture:first-sentence"
@@ -127,10 +127,18 @@ def test_av_sft_lowers_loss_and_honours_the_enc_switch(prepared, tmp_path, train
                                     enc_lr=1e-2, val_passages=8, collapse_sample=4, max_new_tokens=8))
     losses = [json.loads(line)["loss"] for line in (run / "sft-av" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    assert "distinct_z" in record["final"]
+    assert "distinct_z" in record["final"] and np.isfinite(record["final"]["vector_gain"])
     after = load_file(str(run / "bundle" / "adapters" / "adapters.safetensors"))
     assert torch.equal(before["encoders.tiny-llama.weight"], after["encoders.tiny-llama.weight"])
     assert torch.equal(before["encoders.tiny-gpt2.weight"], after["encoders.tiny-gpt2.weight"]) is not train_enc
+
+
+def test_swapped_vectors_stay_within_a_tag_and_move_every_row():
+    pairs = [("a", 0), ("b", 0), ("a", 1), ("a", 2), ("b", 1), ("c", 0)]
+    swapped = swapped_vectors(pairs)
+    assert [t for t, _ in swapped] == [t for t, _ in pairs]
+    assert all(s != p for s, p in zip(swapped, pairs) if p[0] != "c") and swapped[5] == ("c", 0)
+    assert sorted(swapped) == sorted(pairs)
 
 
 def test_collapse_alarm_fires_on_a_collapsed_generator(caplog):
@@ -166,6 +174,9 @@ def test_refit_add_model_and_eval(prepared, tmp_path):
     add.fit.min_overlap = 8
     run_add_model(add)
     assert {p: p.read_bytes() for p in trunk} == trunk, "adding a model must not touch the AV/AR"
+    before, after = (load_file(str(r / "adapters" / "adapters.safetensors")) for r in (prepared, run / "bundle"))
+    assert torch.equal(before["encoders.tiny-llama.bias"], after["encoders.tiny-llama.bias"]), "the centre must not move"
+    assert "encoders.tiny-qwen3.bias" in after and "decoders.tiny-qwen3.bias" in after
     meta = yaml.safe_load((run / "bundle" / "nla_meta.yaml").read_text())
     assert meta["tags"]["tiny-qwen3"]["held_out"] is True and meta["tags"]["tiny-gpt2"]["held_out"] is False
     assert (run / "bundle" / "adapters" / "refit_tiny-qwen3.json").is_file()
