@@ -41,7 +41,8 @@ SUMMARY_KEYS = ("N", "solver", "ridge", "condition", "fallback", "val")
 class AdapterFitConfig:
     """How enc_M / dec_M are fitted."""
 
-    bias: bool = opt(False, "fit an intercept (rows are centred before the solve); the seed had none")
+    bias: bool = opt(False, "fit an intercept (rows are centred before the solve; always on in a centred shared "
+                            "space); the seed had none")
     ridge: float = opt(0.0, "ridge strength λ as a multiple of mean(diag XᵀX); 0 = plain least squares")
     ridge_grid: list[float] = opt(
         help="candidate ridge strengths (replaces `ridge`): each is fitted on train, the best val "
