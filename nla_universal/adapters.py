@@ -306,10 +306,10 @@ def anchor_adapters(anchor: Activations, train_ids: list[str], val_ids: list[str
     index = _rows_by_id(anchor)
     h_tr, h_va = (anchor.X[[index[p] for p in ids if p in index]] for ids in (train_ids, val_ids))
     mu = normalised_mean(h_tr)
-    enc = FitResult(eye, torch.as_tensor(-mu, dtype=torch.float32), "identity − μ", 0.0, 1.0, None)
-    dec, report = fit_decoder(encode_rows(enc, anchor.tag, h_tr), h_tr, tag=anchor.tag, cfg=replace(cfg, bias=True),
-                              V_val=encode_rows(enc, anchor.tag, h_va), h_val=h_va, kind="linear_ceiling_decoder")
-    adapters.add(anchor.tag, enc.weight, dec.weight, enc.bias, dec.bias)
+    v_tr, v_va = (normalize_rows(normalize_rows(h) - mu) for h in (h_tr, h_va))  # n(enc_anchor(n(h)))
+    dec, report = fit_decoder(v_tr, h_tr, tag=anchor.tag, cfg=replace(cfg, bias=True), V_val=v_va, h_val=h_va,
+                              kind="linear_ceiling_decoder")
+    adapters.add(anchor.tag, eye, dec.weight, torch.as_tensor(-mu, dtype=torch.float32), dec.bias)
     return adapters, report
 
 

@@ -44,13 +44,13 @@ RANDOM = [ModelSpec(tag="random-gpt2", source="random", name="gpt2", layer=1),
 PRESETS: dict[str, dict] = {
     # ≤ 3 min on the 2-core CPU machine once the packaged models are converted: plumbing, not quality.
     "smoke": dict(passages=80, teacher_tokens=32, ar_steps=4, av_steps=4, batch=4, refit_train=20, refit_val=4,
-                  test=6, gen_tokens=20, min_overlap=12, n_boot=200, random=1, gen_batch=8, teacher_batch=32),
+                  test=6, gen_tokens=20, min_overlap=12, n_boot=200, random=1, gen_batch=8),
     # ≤ 20 min on the 2-core CPU machine.
     "default": dict(passages=400, teacher_tokens=40, ar_steps=120, av_steps=64, batch=8, refit_train=64, refit_val=16,
-                    test=0, gen_tokens=40, min_overlap=32, n_boot=1000, random=2, gen_batch=16, teacher_batch=32),
+                    test=0, gen_tokens=40, min_overlap=32, n_boot=1000, random=2, gen_batch=16),
     # one GPU: more text, more steps.
     "gpu": dict(passages=2000, teacher_tokens=64, ar_steps=1000, av_steps=1500, batch=16, refit_train=512, refit_val=128,
-                test=0, gen_tokens=64, min_overlap=32, n_boot=1000, random=2, gen_batch=32, teacher_batch=32),
+                test=0, gen_tokens=64, min_overlap=32, n_boot=1000, random=2, gen_batch=32),
 }
 
 
@@ -124,7 +124,7 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     t.run("corpus", lambda: run_corpus(CorpusStageConfig(run_dir=str(out), corpus=CorpusConfig(max_passages=p["passages"]))))
     t.run("extract", lambda: extract(ExtractConfig(run_dir=str(out), pool=str(pool_file), device=cfg.device, cache_dir=cfg.cache_dir)))
     t.run("teach", lambda: run_teach(TeachStageConfig(run_dir=str(out), cache_dir=cfg.cache_dir,
-                                                      teacher=TeacherConfig(max_tokens=p["teacher_tokens"], batch_size=p["teacher_batch"],
+                                                      teacher=TeacherConfig(max_tokens=p["teacher_tokens"],
                                                                             max_input_chars=1000))))
     fit = FitAdaptersConfig(run_dir=str(out), pool=str(pool_file))
     fit.fit.min_overlap = p["min_overlap"]
