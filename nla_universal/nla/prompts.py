@@ -19,11 +19,10 @@ MARKER_SLOT = "{marker}"
 TAG_SLOT = "{tag}"
 EXPLANATION_SLOT = "{explanation}"
 
+# Short on purpose: every AV forward (SFT, RL, rollout) pays for each prompt token.
 DEFAULT_AV_TEMPLATE = (
-    "Here is a hidden activation of the language model {tag}, read while it processed a passage: "
-    "<concept>{marker}</concept>\n"
-    "Say in one or two sentences what that passage is about. "
-    "Answer inside <explanation></explanation> tags."
+    "Activation of {tag} on a passage: <concept>{marker}</concept>\n"
+    "What was the passage about? Answer in <explanation></explanation> tags."
 )
 DEFAULT_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 # For trunks without a chat template: the message, then a blank line where the answer starts.
