@@ -69,10 +69,20 @@ def pool_for(p: dict) -> PoolConfig:
 
 
 class StageTimer:
-    """Wall time and peak RSS of each stage (the kernel's high-water mark, reset between stages)."""
+    """Wall time and peak RSS of each stage (the kernel's high-water mark, reset between stages).
 
-    def __init__(self):
-        self.rows: list[dict] = []
+    Kept in `timings.json`, written after every stage and summed over reruns: a run killed part-way
+    keeps the time of the stages it finished, and rerunning a finished run adds only each stage's check.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if path.is_file():
+            try:
+                self.rows = {r["stage"]: {"runs": 1, **r} for r in json.loads(path.read_text())}
+            except (ValueError, KeyError, TypeError):
+                log.warning("quickstart: %s is unreadable; stage timings start again from this run", path)
 
     @staticmethod
     def _reset_peak() -> bool:
@@ -96,16 +106,46 @@ class StageTimer:
         per_stage = self._reset_peak()
         start = time.time()
         result = fn()
-        self.rows.append({"stage": name, "seconds": round(time.time() - start, 1), "peak_rss_mib": round(self._peak_mib()),
-                          "peak_is_per_stage": per_stage})
-        log.info("quickstart: %s done in %.1fs", name, self.rows[-1]["seconds"])
+        seconds = time.time() - start
+        row = self.rows.setdefault(name, {"stage": name, "seconds": 0.0, "peak_rss_mib": 0, "runs": 0})
+        row.update(seconds=round(row["seconds"] + seconds, 1), peak_rss_mib=max(row["peak_rss_mib"], round(self._peak_mib())),
+                   runs=row["runs"] + 1, peak_is_per_stage=per_stage)
+        io.write_text(self.path, json.dumps(list(self.rows.values()), indent=2))
+        log.info("quickstart: %s done in %.1fs", name, seconds)
         return result
 
 
 def timings_markdown(rows: list[dict]) -> str:
-    lines = ["## Stage timings", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
+    lines = ["## Stage timings", "", "Wall time summed over every run of this folder (a rerun of a finished stage "
+             "adds only its check); peak RSS is the highest seen.", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
     lines += [f"| {r['stage']} | {r['seconds']} | {r['peak_rss_mib']} |" for r in rows]
     lines.append(f"| **total** | {round(sum(r['seconds'] for r in rows), 1)} | |")
+    return "\n".join(lines)
+
+
+# Below this many nats/token of val loss gained from the true vector (vs another passage's), the AV's
+# text cannot depend on the passage: the round trip is then bounded by the AV, whatever the AR does.
+VECTOR_GAIN_FLOOR = 0.01
+
+
+def diagnostics_markdown(run_dir: Path) -> str:
+    """What the SFT stages learned, read from their stage records, with a plain verdict on the AV."""
+    ar = json.loads((run_dir / "stages" / "sft-ar.json").read_text())
+    av = json.loads((run_dir / "stages" / "sft-av.json").read_text())["final"]
+    lines = ["## Training diagnostics", "", "| stage | measure (val split) | value |", "|---|---|---|",
+             f"| sft-ar | cos of the AR's prediction from the teacher's z, before → after | "
+             f"{ar['before']['cos']:.3f} → {ar['final']['cos']:.3f} |",
+             f"| sft-av | vector_gain: loss with another passage's vector − with the true one (nats/token) | "
+             f"{av['vector_gain']:+.4f} |",
+             f"| sft-av | distinct_z: share of distinct explanations in a sample | {av['distinct_z']:.2f} |", ""]
+    if av["vector_gain"] < VECTOR_GAIN_FLOOR:
+        lines.append(f"**The AV does not read the injected vector yet** (vector_gain < {VECTOR_GAIN_FLOOR}): its "
+                     "explanations cannot carry passage-specific information, so Δ vs shuffled_z stays near 0 whatever "
+                     "the AR learns. It needs many more taught passages and AV steps (e.g. `--preset gpu`) and a "
+                     "stronger teacher (`teach` backend=openai).")
+    else:
+        lines.append("The AV's loss depends on the vector it reads (vector_gain ≥ "
+                     f"{VECTOR_GAIN_FLOOR}): its explanations can carry passage-specific information.")
     return "\n".join(lines)
 
 
@@ -122,7 +162,7 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     io.write_yaml(pool_file, {"anchor": pool.anchor, "models": [m.__dict__ for m in pool.models]})
     run = RunConfig(run_dir=str(out), pool=str(pool_file), device=cfg.device, cache_dir=cfg.cache_dir)
     loop = dict(batch_size=p["batch"], eval_every=0, checkpoint_every=25)
-    t = StageTimer()
+    t = StageTimer(out / "timings.json")
     corpus = CorpusConfig(max_passages=p["passages"], test_fraction=p["test_fraction"])
     t.run("corpus", lambda: run_corpus(CorpusStageConfig(run_dir=str(out), corpus=corpus)))
     t.run("extract", lambda: extract(ExtractConfig(run_dir=str(out), pool=str(pool_file), device=cfg.device, cache_dir=cfg.cache_dir)))
@@ -154,9 +194,8 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     text = Path(result["files"]["markdown"]).read_text()
     header = (f"# nla-universal quickstart ({cfg.preset})\n\nPool: trunk/anchor {ANCHOR.tag} (real, packaged); "
               f"held out {HELD_OUT.tag} (real, packaged; only its adapters were fitted); "
-              f"{', '.join(m.tag for m in RANDOM[: p['random']])}: **random-weight** tiny models for architecture coverage.\n\n")
-    io.write_text(out / "report.md", header + text + "\n\n" + timings_markdown(t.rows) + "\n")
-    io.write_text(out / "timings.json", json.dumps(t.rows, indent=2))
+              f"{', '.join(m.tag for m in RANDOM[: p['random']])}: **random weights**, for architecture coverage only.\n\n")
+    io.write_text(out / "report.md", "\n\n".join([header + text, diagnostics_markdown(out), timings_markdown(list(t.rows.values()))]) + "\n")
     (out / "fve_report.json").write_text((out / "eval" / "fve_report.json").read_text())
     print(yaml.safe_dump({"report": str(out / "report.md"), "bundle": str(out / "bundle")}, sort_keys=False))
     return out

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from nla_universal.quickstart import diagnostics_markdown
+
 pytestmark = pytest.mark.slow
 
 METRICS = {"fve_centred", "fve_meannorm", "cos", "mse_nrm"}
@@ -47,8 +49,20 @@ def test_smoke_writes_every_artifact_with_finite_metrics(smoke_run):
         assert r["ci"]["fve_centred"][0] <= r["metrics"]["fve_centred"] <= r["ci"]["fve_centred"][1]
     text = (smoke_run / "report.md").read_text()
     assert "random weights" in text and "Held-out models" in text and "## Stage timings" in text
+    gain = json.loads((smoke_run / "stages" / "sft-av.json").read_text())["final"]["vector_gain"]
+    assert "## Training diagnostics" in text and f"{gain:+.4f}" in text
     stages = [row["stage"] for row in json.loads((smoke_run / "timings.json").read_text())]
     assert stages == ["corpus", "extract", "teach", "fit-adapters", "sft-ar", "sft-av", "refit-dec", "add-model", "eval"]
+
+
+@pytest.mark.parametrize("gain, verdict", [(0.0004, "does not read the injected vector"), (0.05, "depends on the vector")])
+def test_diagnostics_verdict_follows_vector_gain(tmp_path, gain, verdict):
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    (stages / "sft-ar.json").write_text(json.dumps({"before": {"cos": -0.01}, "final": {"cos": 0.2}}))
+    (stages / "sft-av.json").write_text(json.dumps({"final": {"vector_gain": gain, "distinct_z": 0.5}}))
+    text = diagnostics_markdown(tmp_path)
+    assert verdict in text and f"{gain:+.4f}" in text and "-0.010 → 0.200" in text
 
 
 def test_killed_run_resumes_to_the_same_report(smoke_run, tmp_path):
@@ -69,3 +83,7 @@ def test_killed_run_resumes_to_the_same_report(smoke_run, tmp_path):
     log, _ = proc.communicate(timeout=1500)
     assert proc.returncode == 0, log[-3000:]
     assert json.loads((out / "fve_report.json").read_text())["tags"] == json.loads((smoke_run / "fve_report.json").read_text())["tags"]
+    timings = {row["stage"]: row for row in json.loads((out / "timings.json").read_text())}
+    # The killed run's finished stages keep their time; the resumed run only checked them.
+    assert timings["sft-av"]["runs"] == 2 and timings["sft-av"]["seconds"] > 1.0
+    assert timings["refit-dec"]["runs"] == 1
