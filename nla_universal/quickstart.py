@@ -45,7 +45,7 @@ PRESETS: dict[str, dict] = {
     # ≤ 3 min on the 2-core CPU machine once the packaged models are converted: plumbing, not quality.
     "smoke": dict(passages=80, test_fraction=0.1, teacher_tokens=32, ar_steps=4, av_steps=4, batch=4, refit_train=20,
                   refit_val=4, test=6, gen_tokens=20, min_overlap=12, n_boot=200, random=1, gen_batch=8),
-    # ≤ 20 min on the 2-core CPU machine. A fifth of the passages are test: ~80 per tag, so the bootstrap
+    # ≤ 20 min on the 2-core CPU machine. A fifth of the passages are test: ~70 per tag, so the bootstrap
     # interval of Δ vs shuffled_z is narrow enough to tell a weak signal from none.
     "default": dict(passages=400, test_fraction=0.2, teacher_tokens=40, ar_steps=100, av_steps=48, batch=8,
                     refit_train=48, refit_val=16, test=0, gen_tokens=40, min_overlap=32, n_boot=1000, random=1,
