@@ -108,16 +108,17 @@ class StageTimer:
         result = fn()
         seconds = time.time() - start
         row = self.rows.setdefault(name, {"stage": name, "seconds": 0.0, "peak_rss_mib": 0, "runs": 0})
-        row.update(seconds=round(row["seconds"] + seconds, 1), peak_rss_mib=max(row["peak_rss_mib"], round(self._peak_mib())),
-                   runs=row["runs"] + 1, peak_is_per_stage=per_stage)
+        row.update(seconds=round(row["seconds"] + seconds, 1), runs=row["runs"] + 1, peak_is_per_stage=per_stage,
+                   peak_rss_mib=max(row["peak_rss_mib"], round(self._peak_mib())))
         io.write_text(self.path, json.dumps(list(self.rows.values()), indent=2))
         log.info("quickstart: %s done in %.1fs", name, seconds)
         return result
 
 
 def timings_markdown(rows: list[dict]) -> str:
-    lines = ["## Stage timings", "", "Wall time summed over every run of this folder (a rerun of a finished stage "
-             "adds only its check); peak RSS is the highest seen.", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
+    lines = ["## Stage timings", "",
+             "Wall time summed over every run of this folder (a rerun of a finished stage adds only its check); "
+             "peak RSS is the highest seen.", "", "| stage | wall s | peak RSS MiB |", "|---|---:|---:|"]
     lines += [f"| {r['stage']} | {r['seconds']} | {r['peak_rss_mib']} |" for r in rows]
     lines.append(f"| **total** | {round(sum(r['seconds'] for r in rows), 1)} | |")
     return "\n".join(lines)
@@ -195,7 +196,8 @@ def run_quickstart(cfg: QuickstartConfig) -> Path:
     header = (f"# nla-universal quickstart ({cfg.preset})\n\nPool: trunk/anchor {ANCHOR.tag} (real, packaged); "
               f"held out {HELD_OUT.tag} (real, packaged; only its adapters were fitted); "
               f"{', '.join(m.tag for m in RANDOM[: p['random']])}: **random weights**, for architecture coverage only.\n\n")
-    io.write_text(out / "report.md", "\n\n".join([header + text, diagnostics_markdown(out), timings_markdown(list(t.rows.values()))]) + "\n")
+    sections = [header + text, diagnostics_markdown(out), timings_markdown(list(t.rows.values()))]
+    io.write_text(out / "report.md", "\n\n".join(sections) + "\n")
     (out / "fve_report.json").write_text((out / "eval" / "fve_report.json").read_text())
     print(yaml.safe_dump({"report": str(out / "report.md"), "bundle": str(out / "bundle")}, sort_keys=False))
     return out

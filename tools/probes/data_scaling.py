@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 SPEC = dict(tag="smollm2-135m", source="packaged", name="smollm2-135m-instruct", depth=0.5, dtype="float32")
 
@@ -74,7 +75,7 @@ def vector_to_words(Vt, Ct, Vv, Cv, unigram: torch.Tensor) -> tuple[float, float
             loss.backward()
             opt.step()
         with torch.no_grad():
-            scores = (float(nats(torch.log_softmax(Vv @ W + b, -1), Cv)), float(nats(torch.log_softmax(Vv[shuffled] @ W + b, -1), Cv)))
+            scores = tuple(float(nats(torch.log_softmax(v @ W + b, -1), Cv)) for v in (Vv, Vv[shuffled]))
         best = scores if best is None or scores[0] < best[0] else best
     return best
 
@@ -82,11 +83,10 @@ def vector_to_words(Vt, Ct, Vv, Cv, unigram: torch.Tensor) -> tuple[float, float
 def words_to_vector(Bt, Yt, Bv, Yv) -> tuple[float, float]:
     """Val FVE (about 0, the centred mean) of the best ridge from tf-idf bags, with the true and shuffled bags."""
     shuffled = torch.roll(torch.arange(len(Bv)), 1)
-    fve = lambda pred: float(1 - ((Yv - pred) ** 2).sum() / (Yv**2).sum())  # noqa: E731
     best = None
     for lam in (0.1, 1.0, 10.0):
         W = torch.linalg.solve(Bt.T @ Bt + lam * torch.eye(Bt.shape[1]), Bt.T @ Yt)
-        scores = (fve(Bv @ W), fve(Bv[shuffled] @ W))
+        scores = tuple(float(1 - ((Yv - b @ W) ** 2).sum() / (Yv**2).sum()) for b in (Bv, Bv[shuffled]))
         best = scores if best is None or scores[0] > best[0] else best
     return best
 
@@ -110,12 +110,13 @@ def main() -> None:
     split = {"train": [], "val": []}
     for pid, row in zip(acts.passage_ids, acts.X):
         if passages[pid]["split"] in split:
-            split[passages[pid]["split"]].append((row, tokenizer(lead_sentence(passages[pid]["text"]), add_special_tokens=False)["input_ids"]))
+            ids = tokenizer(lead_sentence(passages[pid]["text"]), add_special_tokens=False)["input_ids"]
+            split[passages[pid]["split"]].append((row, ids))
     X = {s: torch.nn.functional.normalize(torch.tensor(np.stack([r for r, _ in rows])), dim=-1) for s, rows in split.items()}
     tokens = {s: [t for _, t in rows] for s, rows in split.items()}
-    for n in [int(s) for s in args.sizes.split(",")]:
+    for n in tqdm([int(s) for s in args.sizes.split(",")], desc="probe sizes", unit="size"):
         if n > len(tokens["train"]):
-            print(json.dumps({"train_passages": n, "skipped": f"only {len(tokens['train'])} train passages"}))
+            tqdm.write(json.dumps({"train_passages": n, "skipped": f"only {len(tokens['train'])} train passages"}))
             continue
         mu = X["train"][:n].mean(0)
         Vt, Vv = (torch.nn.functional.normalize(x - mu, dim=-1) for x in (X["train"][:n], X["val"]))
@@ -125,9 +126,9 @@ def main() -> None:
         scale = Vt.shape[1] ** 0.5  # rows at √d, as everywhere in the pipeline
         true_v, other_v = vector_to_words(Vt * scale, Ct, Vv * scale, Cv, unigram)
         idf = torch.log((n + 1) / ((Ct > 0).float().sum(0) + 1))
-        tfidf = lambda C: torch.nn.functional.normalize(C * idf, dim=-1)  # noqa: E731
-        true_z, other_z = words_to_vector(tfidf(Ct), Vt, tfidf(Cv), Vv)
-        print(json.dumps({"train_passages": n, "val_passages": len(tokens["val"]),
+        Bt, Bv = (torch.nn.functional.normalize(C * idf, dim=-1) for C in (Ct, Cv))
+        true_z, other_z = words_to_vector(Bt, Vt, Bv, Vv)
+        tqdm.write(json.dumps({"train_passages": n, "val_passages": len(tokens["val"]),
                           "vector_to_words_nats": {"unigram": round(float(nats(unigram.log().expand_as(Cv), Cv)), 3),
                                                    "true_vector": round(true_v, 3), "other_vector": round(other_v, 3)},
                           "words_to_vector_fve": {"true_z": round(true_z, 3), "other_z": round(other_z, 3)}}))
