@@ -139,6 +139,32 @@ def test_the_injected_vector_steers_generation(av):
     assert out[0].token_ids != out[1].token_ids
 
 
+@pytest.mark.slow
+def test_sft_through_the_injection_learns_an_answer_that_depends_on_the_vector():
+    """Two vectors, two answers, one prompt: only reading the marker's row tells them apart. The real
+    SmolLM2 (a tiny random trunk's logits are too flat to learn any answer in a few steps). It first
+    learns the two answers as a 50/50 guess and reads the vector only later (not yet at 20 steps)."""
+    torch.manual_seed(0)
+    trunk = load_model(ModelSpec(tag="smollm2-135m", source="packaged", name="smollm2-135m-instruct", dtype="float32"))
+    av_ = AV.create(trunk, AVConfig(), canonical_tag="smollm2-135m")
+    vectors, answers = torch.randn(2, av_.d_model), ["alpha", "beta"]
+    batch = av_.build_sft_batch(vectors, ["x", "x"], answers)
+    opt = torch.optim.AdamW([p for p in av_.model.parameters() if p.requires_grad], lr=1e-3)
+    av_.model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        av_.sft_loss(batch).backward()
+        opt.step()
+    av_.model.eval()
+    ids = [av_.response_ids(a) for a in answers]
+    with torch.no_grad():
+        own = av_.sequence_log_probs(vectors, ["x", "x"], ids).total
+        swapped = av_.sequence_log_probs(vectors.flip(0), ["x", "x"], ids).total
+    assert (own - swapped > 2.0).all()  # each answer is far likelier under its own vector
+    texts = [e.text for e in av_.explain(vectors, ["x", "x"], SamplingParams(greedy=True, max_new_tokens=16))]
+    assert texts == answers
+
+
 def test_sampling_params_are_checked():
     with pytest.raises(ConfigError, match="temperature"):
         SamplingParams(temperature=0.0)
