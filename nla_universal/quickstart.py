@@ -142,8 +142,9 @@ def diagnostics_markdown(run_dir: Path) -> str:
     if av["vector_gain"] < VECTOR_GAIN_FLOOR:
         lines.append(f"**The AV does not read the injected vector yet** (vector_gain < {VECTOR_GAIN_FLOOR}): its "
                      "explanations cannot carry passage-specific information, so Δ vs shuffled_z stays near 0 whatever "
-                     "the AR learns. It needs many more taught passages and AV steps (e.g. `--preset gpu`) and a "
-                     "stronger teacher (`teach` backend=openai).")
+                     "the AR learns. Reading the vector comes only after many more AV SFT steps on many more "
+                     "passages than a CPU run affords (`--preset gpu` on a GPU; `tools/probes/av_steps.py` measures "
+                     "vector_gain along a long run).")
     else:
         lines.append("The AV's loss depends on the vector it reads (vector_gain ≥ "
                      f"{VECTOR_GAIN_FLOOR}): its explanations can carry passage-specific information.")
