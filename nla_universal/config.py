@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -163,6 +164,15 @@ def _as_config_error(exc: OmegaConfBaseException, schema: type) -> ConfigError:
                        "check the value's type against `--help`")
 
 
+def _parse_yaml(parse, what: str):
+    """`parse()`, with a YAML syntax error (values are read as YAML) turned into a ConfigError."""
+    try:
+        return parse()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read {what} as YAML: {str(exc).splitlines()[0]}",
+                          "quote values holding ': ' or ' #' (key='\"a: b\"'), or put them in a -c YAML file") from None
+
+
 def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Schema defaults ← each YAML file in order ← `key=value` overrides; unknown keys are errors."""
     try:
@@ -170,11 +180,12 @@ def load_config(schema: type[T], files: list[str] | tuple[str, ...] = (), overri
         for f in files:
             if not Path(f).is_file():
                 raise ConfigError(f"config file {f} not found", "check the path given to -c")
-            merged = OmegaConf.merge(merged, OmegaConf.load(f))
+            merged = OmegaConf.merge(merged, _parse_yaml(lambda: OmegaConf.load(f), f"config file {f}"))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value", "write e.g. batch_size=8")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        for o in overrides:
+            merged = OmegaConf.merge(merged, _parse_yaml(lambda: OmegaConf.from_dotlist([o]), f"override {o!r}"))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"required config key {missing[0]!r} is not set", f"add {missing[0]}=... ")

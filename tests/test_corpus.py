@@ -85,3 +85,13 @@ def test_corpus_cli_writes_passages_and_refuses_to_clobber(tmp_path, capsys):
 def test_cli_unknown_key_names_the_closest_one(capsys):
     assert main(["corpus", "corpus.max_pasages=5"]) == 2
     assert "corpus.max_passages" in capsys.readouterr().err
+
+
+def test_cli_unparseable_values_are_named_not_a_traceback(tmp_path, capsys):
+    assert main(["corpus", "corpus.source=x: y: z"]) == 2
+    err = capsys.readouterr().err
+    assert "override 'corpus.source=x: y: z'" in err and "quote values" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("corpus:\n  source: [unclosed\n")
+    assert main(["corpus", "-c", str(broken)]) == 2
+    assert f"config file {broken}" in capsys.readouterr().err
