@@ -70,7 +70,8 @@ class TeacherConfig:
         "openai: NAME of the environment variable holding the API key (the key itself never goes in a "
         "config, file or log); empty = send no key (local servers without auth)",
     )
-    prompt: str = opt(DEFAULT_PROMPT, "instruction sent to the teacher; {text} is replaced by the passage")
+    prompt: str = opt(DEFAULT_PROMPT, "instruction sent to the teacher; {text} is replaced by the passage. Part of the "
+                      "teacher's id: z asked for with another prompt count as another teacher's")
     max_tokens: int = opt(80, "most tokens the teacher may write per explanation")
     temperature: float = opt(0.3, "sampling temperature; 0 = greedy")
     seed: int = opt(0, "hf: seed of the sampling RNG (temperature > 0)")
@@ -107,11 +108,12 @@ class TeachReport:
 
 
 def teacher_id(cfg: TeacherConfig) -> str:
-    """Names ONE teacher: the backend, the model and (openai) the host serving it."""
-    if cfg.backend == "openai":
-        host = urlparse(cfg.base_url).hostname or cfg.base_url
-        return f"openai:{cfg.model}@{host}"
-    return f"{cfg.backend}:{cfg.model}"
+    """Names ONE teacher: the backend, the model, (openai) the host serving it and, unless it is the
+    default, a hash of the prompt. Explanations asked for with another prompt are another teacher's,
+    so editing the prompt never keeps the old prompt's z."""
+    who = f"{cfg.model}@{urlparse(cfg.base_url).hostname or cfg.base_url}" if cfg.backend == "openai" else cfg.model
+    asked = "" if cfg.prompt == DEFAULT_PROMPT else f"+prompt-{hashlib.sha256(cfg.prompt.encode()).hexdigest()[:8]}"
+    return f"{cfg.backend}:{who}{asked}"
 
 
 def _strip_wrappers(text: str) -> str:

@@ -1,6 +1,7 @@
 import json
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -84,6 +85,24 @@ def test_teacher_id_names_backend_model_and_host():
     local = TeacherConfig(backend="openai", model="m", base_url="http://127.0.0.1:8123/v1")
     assert teacher_id(local) == "openai:m@127.0.0.1"
     assert teacher_id(TeacherConfig()) == "hf:smollm2-135m-instruct"
+    asked = teacher_id(TeacherConfig(prompt="Name the topic of {text}"))
+    assert asked.startswith("hf:smollm2-135m-instruct+prompt-") and asked != teacher_id(TeacherConfig(prompt="Topic? {text}"))
+
+
+def test_a_changed_prompt_is_another_teacher_and_never_keeps_the_old_z(tmp_path):
+    path = passages_file(tmp_path)
+    with ChatServer(canned()) as server:
+        teach(path, openai_cfg(server), cache_dir=tmp_path / "cache")
+        before = path.read_bytes()
+        reworded = openai_cfg(server, prompt="Name the topic of this passage.\n\n{text}")
+        with pytest.raises(NLAError, match="mixing teachers"):
+            teach(path, reworded, cache_dir=tmp_path / "cache")
+        assert path.read_bytes() == before
+        asked = server.requests
+        report = teach(path, replace(reworded, replace=True), cache_dir=tmp_path / "cache")
+    assert report.kept == 0 and server.requests - asked == 10  # every passage asked again, with the new prompt
+    assert all(m.startswith("Name the topic") for m in server.messages[-10:])
+    assert set(table(path).column("teacher").to_pylist()) == {teacher_id(reworded)}
 
 
 def test_openai_teacher_fills_z_for_configured_splits_and_sends_the_key(tmp_path):
