@@ -1,8 +1,8 @@
 """The quickstart's AV SFT with one thing changed: does the AV now read the vector?
 
 Reads a quickstart run folder (passages with the teacher's z, activations, adapters; the quickstart
-up to fit-adapters is enough) and trains a fresh AV on the anchor's train passages as `sft-av` does
-(batch 8, cosine lr after 5 warm-up steps, bf16 autocast where native, gradient clip 1.0), except:
+up to fit-adapters is enough) and trains a fresh AV on the anchor's train passages with the
+pipeline's training loop and the quickstart's `sft-av` settings (batch 8, lr 5e-4), except:
 
   --lr        the LoRA learning rate (quickstart: 5e-4)
   --proj-lr   also train a d×d projection, identity at start, applied before the injection
@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data_scaling import lead_sentence
 
@@ -43,7 +43,7 @@ def main() -> None:
     from nla_universal.nla.av import AV, AVConfig
     from nla_universal.rollout import SamplingParams
     from nla_universal.train.data import passages_with_z, tag_rows
-    from nla_universal.train.loop import LoopConfig, autocast_context, lr_at
+    from nla_universal.train.loop import LoopConfig, autocast_context, named_trainable, train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/quickstart")
@@ -85,24 +85,18 @@ def main() -> None:
     groups = [{"params": [p for p in av.model.parameters() if p.requires_grad], "lr": args.lr}]
     if args.proj_lr:
         groups.append({"params": list(proj.parameters()), "lr": args.proj_lr})
-    optimiser = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = LoopConfig(steps=args.steps, lr=1.0, warmup_steps=5)
+    named = named_trainable([("av", av.model), *([("proj", proj)] if args.proj_lr else [])])
     device = torch.device("cpu")
     vectors = (lambda v: proj(v)) if args.proj_lr else (lambda v: v)
 
-    n = len(z["train"])
-    order = np.concatenate([np.random.default_rng(e).permutation(n) for e in range(1 + args.steps * 8 // n)])
+    def loss_fn(idx: np.ndarray):
+        return av.sft_loss(av.build_sft_batch(vectors(V["train"][idx]), [tag] * len(idx), [z["train"][i] for i in idx])), {}
+
     av.model.train()
-    for step in tqdm(range(args.steps), desc="av sft", unit="step"):
-        for group, base in zip(optimiser.param_groups, [args.lr, args.proj_lr]):
-            group["lr"] = base * lr_at(step, schedule)
-        idx = order[step * 8:(step + 1) * 8]
-        with autocast_context("auto", device):
-            loss = av.sft_loss(av.build_sft_batch(vectors(V["train"][idx]), [tag] * len(idx), [z["train"][i] for i in idx]))
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        optimiser.step()
+    with tempfile.TemporaryDirectory() as scratch:  # the loop's checkpoints: a probe is not resumed
+        train(out_dir=Path(scratch), named_params=named, param_groups=groups, n_examples=len(z["train"]),
+              loss_fn=loss_fn, eval_fn=None, device=device, desc="av sft",
+              cfg=LoopConfig(steps=args.steps, batch_size=8, lr=args.lr, eval_every=0, checkpoint_every=0))
     av.model.eval()
 
     def val_loss(v: torch.Tensor) -> float:
