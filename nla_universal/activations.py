@@ -1,6 +1,9 @@
 """The activation store: `activations/<tag>/part-NNNNN.parquet` + `meta.yaml` + `_SUCCESS`.
 
-Writers (extract.py) append shards atomically; readers refuse a folder without `_SUCCESS`.
+Writers (pipeline/extract.py) write each shard atomically, then `meta.yaml` with the row count of
+every shard, then `_SUCCESS`. Readers refuse a folder without `_SUCCESS`, and one whose shards no
+longer match the record (a shard deleted, added or cut short after the folder was completed), and
+name any row that holds NaN/inf by tag, file and passage id.
 """
 
 from __future__ import annotations
@@ -58,8 +61,44 @@ def write_shard(folder: Path, index: int, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
-def complete_shards(folder: Path) -> list[Path]:
+def shard_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("part-*.parquet"))
+
+
+def shard_rows(folder: Path) -> dict[str, int]:
+    """{shard file name: rows}, from the parquet footers (no data read): what the record keeps."""
+    return {p.name: pq.read_metadata(p).num_rows for p in shard_files(folder)}
+
+
+def _check_record(folder: Path, meta: dict, tag: str) -> None:
+    """The shards on disk are exactly the ones the completed folder recorded, with their row counts."""
+    redo = f"re-extract it: nla-universal extract run.run_dir={folder.parent.parent} \"tags=[{tag}]\" overwrite=true"
+    recorded = meta.get("shards")
+    if not isinstance(recorded, dict):
+        raise DataError(f"{folder}/meta.yaml has no shard record (written by an older nla-universal)", redo)
+    present = {p.name for p in shard_files(folder)}
+    for name in sorted(set(recorded) - present):
+        raise DataError(f"{tag}: shard {folder / name} is missing ({recorded[name]} rows recorded)", redo)
+    for name in sorted(present - set(recorded)):
+        raise DataError(f"{tag}: {folder / name} is not one of the shards this folder was completed with", f"remove it, or {redo}")
+    for name, rows in recorded.items():
+        try:
+            found = pq.read_metadata(folder / name).num_rows
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise DataError(f"corrupt activation shard {folder / name}: {exc}", redo) from None
+        if found != rows:
+            raise DataError(f"{tag}: shard {folder / name} holds {found} rows, its record says {rows}", redo)
+
+
+def _check_finite(tag: str, shard: Path, table: pa.Table, X: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    if len(bad):
+        ids = table.column("passage_id").to_pylist()
+        raise DataError(
+            f"{tag}: {len(bad)} activation row(s) in {shard} hold NaN/inf, e.g. passage {ids[bad[0]]}",
+            "re-extract with dtype float32 or bfloat16 (float16 overflows at sink channels), or with "
+            "drop_nonfinite=true to skip such passages",
+        )
 
 
 def read_activations(root: str | Path, tag: str) -> Activations:
@@ -73,18 +112,22 @@ def read_activations(root: str | Path, tag: str) -> Activations:
             "rerun `nla-universal extract`; it resumes where it stopped",
         )
     meta = io.read_yaml(folder / "meta.yaml")
-    tables = []
-    for shard in complete_shards(folder):
+    _check_record(folder, meta, tag)
+    d = int(meta["d_model"])
+    tables, blocks = [], []
+    for shard in shard_files(folder):
         try:
-            tables.append(pq.read_table(shard))
+            table = pq.read_table(shard)
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise DataError(f"corrupt activation shard {shard}: {exc}", f"delete {folder} and rerun extract") from None
+        X = table.column("activation").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, d)
+        _check_finite(tag, shard, table, X)
+        tables.append(table)
+        blocks.append(X.astype(np.float32, copy=False))
     if not tables:
         raise DataError(f"{folder} holds no shards", f"delete {folder} and rerun extract")
     table = pa.concat_tables(tables)
-    d = int(meta["d_model"])
-    flat = table.column("activation").combine_chunks()
-    X = flat.values.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+    X = np.concatenate(blocks)
     positions = table.column("position").to_numpy() if "position" in table.column_names else None
     return Activations(
         tag=tag,

@@ -1,9 +1,9 @@
 """Per-model linear adapters `enc_M : d_M → d_shared`, `dec_M : d_shared → d_M` and their least-squares fits.
 
 Conventions (DESIGN.md): state-dict keys `encoders.<tag>.weight` [d_shared, d_M] and
-`decoders.<tag>.weight` [d_M, d_shared], forward `x @ W.T (+ b)`. Both maps are affine: callers
-rescale rows first — `h` to √d_M before `encode`, shared vectors to √d_shared before `decode` (the
-AR's outputs carry no scale, so the decoder always sees unit-scale rows).
+`decoders.<tag>.weight` [d_M, d_shared], forward `x @ W.T (+ b)`. Both maps are affine and take rows
+already rescaled (`h` to √d_M, shared vectors to √d_shared): the one place that rescales and applies
+them is `nla/path.py`. Fits take arrays; the pipeline reads the run folder.
 
 The shared space is centred by default: the anchor's encoder is the identity minus μ, the mean of
 the anchor's normalised train rows, and every other enc_M targets n(h_anchor) − μ. Pooled rows share
@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from . import io
-from .activations import Activations, read_activations
-from .config import PoolConfig, check_tag, opt
-from .corpus import read_passages, split_ids
+from .activations import Activations
+from .config import check_tag, opt
 from .errors import DataError
 from .lstsq import FitResult, fit_linear_path
 from .metrics import fve_centred, fve_meannorm, normalised_mean, normalize_rows
@@ -87,8 +85,9 @@ class PoolAdapters(torch.nn.Module):
             )
         if tag == self.anchor and d_model != self.d_shared:
             raise DataError(f"anchor {tag} has d_model {d_model} ≠ d_shared {self.d_shared}", "d_shared is the anchor's width")
-        self.encoders[tag] = _linear(enc_w, enc_bias)
-        self.decoders[tag] = _linear(dec_w, dec_bias)
+        device = next(self.parameters()).device if self.dims else torch.device("cpu")
+        self.encoders[tag] = _linear(enc_w, enc_bias).to(device)
+        self.decoders[tag] = _linear(dec_w, dec_bias).to(device)
         self.dims[tag] = int(d_model)
 
     def _map(self, maps: torch.nn.ModuleDict, tag: str, x: torch.Tensor, width: int) -> torch.Tensor:
@@ -112,6 +111,25 @@ class PoolAdapters(torch.nn.Module):
         """dec_M on shared-space rows already rescaled to √d_shared."""
         return self._map(self.decoders, tag, v, self.d_shared)
 
+    def set_decoder(self, tag: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Replace dec_M's weight (a refit), and its bias when one is given."""
+        old = self.decoders[tag]
+        if tuple(weight.shape) != tuple(old.weight.shape):
+            raise DataError(f"{tag}: refitted decoder {tuple(weight.shape)} does not replace {tuple(old.weight.shape)}",
+                            "refit on rows of the bundle's own widths")
+        with torch.no_grad():
+            old.weight.copy_(weight.float())
+            if bias is not None and old.bias is not None:
+                old.bias.copy_(bias.float())
+
+    def encoder_parameters(self, tags: list[str]) -> dict[str, torch.nn.Parameter]:
+        """These tags' encoder parameters by stable name (`<tag>.weight`, `<tag>.bias`), to train with the AV."""
+        return {f"{tag}.{name}": p for tag in tags for name, p in self.encoders[tag].named_parameters()}
+
+    def state_bytes(self, tag: str) -> bytes:
+        """enc_M's tensors as bytes: what a cache of this tag's explanations is keyed by."""
+        return b"".join(p.detach().float().cpu().numpy().tobytes() for p in self.encoders[tag].parameters())
+
     def _meta(self) -> dict:
         return {
             "d_shared": self.d_shared,
@@ -130,7 +148,7 @@ class PoolAdapters(torch.nn.Module):
     @classmethod
     def load(cls, folder: str | Path, expect_tags=None, expect_d_shared: int | None = None) -> "PoolAdapters":
         folder = Path(folder)
-        refit = "refit the adapters (adapters.fit_pool_adapters)"
+        refit = f"rerun `nla-universal fit-adapters` (or copy the folder holding {folder.name}/ again, whole)"
         try:
             meta = json.loads((folder / META_FILE).read_text())
             state = load_file(str(folder / WEIGHTS_FILE))
@@ -311,34 +329,3 @@ def anchor_adapters(anchor: Activations, train_ids: list[str], val_ids: list[str
                               kind="linear_ceiling_decoder")
     adapters.add(anchor.tag, eye, dec.weight, torch.as_tensor(-mu, dtype=torch.float32), dec.bias)
     return adapters, report
-
-
-def fit_pool_adapters(activations_root: str | Path, passages_parquet: str | Path, pool: PoolConfig,
-                      out_folder: str | Path, cfg: AdapterFitConfig, centre: bool = True) -> PoolAdapters:
-    """enc_M against the anchor and the linear-ceiling dec_M for every tag (held-out ones too), in the
-    centred shared space unless `centre` is False.
-
-    Writes into `out_folder` (a bundle's `adapters/`): adapters.safetensors, adapters.json, one
-    `fit_<kind>_<tag>.json` per fit and fit_summary.json. Only train passages are fitted; val scores.
-    """
-    out = Path(out_folder)
-    passages = read_passages(passages_parquet)
-    train_ids, val_ids = split_ids(passages, "train"), split_ids(passages, "val")
-    anchor = read_activations(activations_root, pool.anchor)
-    adapters, anchor_report = anchor_adapters(anchor, train_ids, val_ids, cfg, centre)
-    summary = {pool.anchor: {"anchor": True, "encoder": "identity − μ" if centre else "identity"}}
-    if anchor_report:
-        io.write_text(out / f"fit_decoder_{pool.anchor}.json", json.dumps(anchor_report, indent=2))
-        summary[pool.anchor]["decoder"] = {k: anchor_report[k] for k in SUMMARY_KEYS if k in anchor_report}
-    for tag in tqdm([t for t in pool.tags if t != pool.anchor], desc="adapter fits", unit="tag"):
-        enc, dec, enc_report, dec_report = fit_tag(read_activations(activations_root, tag), anchor, train_ids, val_ids,
-                                                   cfg, adapters.centre)
-        adapters.add(tag, enc.weight, dec.weight, enc.bias, dec.bias)
-        for kind, report in (("encoder", enc_report), ("decoder", dec_report)):
-            io.write_text(out / f"fit_{kind}_{tag}.json", json.dumps(report, indent=2))
-        summary[tag] = {"held_out": pool.spec(tag).held_out,
-                        "encoder": {k: enc_report[k] for k in SUMMARY_KEYS if k in enc_report},
-                        "decoder": {k: dec_report[k] for k in SUMMARY_KEYS if k in dec_report}}
-    adapters.save(out)
-    io.write_text(out / "fit_summary.json", json.dumps({"config": asdict(cfg), "centre": centre, "tags": summary}, indent=2))
-    return adapters

@@ -20,32 +20,32 @@ from .errors import NLAError
 
 @dataclass(frozen=True)
 class Stage:
-    module: str  # nla_universal.<module>
+    module: str  # nla_universal.pipeline.<module>
     schema: str  # config dataclass in that module
     run: str  # function(cfg) in that module
     summary: str
 
 
 STAGES: dict[str, Stage] = {
-    "corpus": Stage("stages", "CorpusStageConfig", "run_corpus", "build passages.parquet (stable ids, train/val/test split)"),
-    "pool": Stage("stages", "PoolStageConfig", "run_pool", "show a pool: tags, sources, layers, dims"),
-    "extract": Stage("extract", "ExtractConfig", "extract", "activations of every pooled model at its layer"),
-    "teach": Stage("stages", "TeachStageConfig", "run_teach", "one teacher explanation z per passage"),
-    "fit-adapters": Stage("stages", "FitAdaptersConfig", "run_fit_adapters", "least-squares enc_M (vs the anchor) and linear-ceiling dec_M"),
-    "sft-ar": Stage("train.sft_ar", "ARSFTConfig", "run_sft_ar", "AR SFT: teacher z → enc_M(h) (creates the bundle)"),
-    "sft-av": Stage("train.sft_av", "AVSFTConfig", "run_sft_av", "AV SFT: injected enc_M(h) → teacher z"),
-    "refit-dec": Stage("train.refit", "RefitConfig", "run_refit_dec", "dec_M by least squares on the AR's outputs"),
-    "add-model": Stage("train.add_model", "AddModelConfig", "run_add_model", "add a held-out model to a trained bundle"),
-    "eval": Stage("evaluate_nla", "EvalConfig", "run_eval", "score every tag on the test split with baselines and controls"),
-    "verbalize": Stage("nla.cli_ops", "VerbalizeConfig", "verbalize_cmd", "explain activations in words with a bundle"),
-    "reconstruct": Stage("nla.cli_ops", "ReconstructConfig", "reconstruct_cmd", "map explanations back to activations"),
-    "quickstart": Stage("quickstart", "QuickstartConfig", "run_quickstart", "the whole pipeline end to end on a preset"),
+    "corpus": Stage("corpus", "CorpusStageConfig", "run", "build passages.parquet (stable ids, train/val/test split)"),
+    "pool": Stage("pool", "PoolStageConfig", "run", "show a pool: tags, sources, layers, dims"),
+    "extract": Stage("extract", "ExtractConfig", "run", "activations of every pooled model at its layer"),
+    "teach": Stage("teach", "TeachStageConfig", "run", "one teacher explanation z per passage"),
+    "fit-adapters": Stage("fit_adapters", "FitAdaptersConfig", "run", "least-squares enc_M (vs the anchor) and linear-ceiling dec_M"),
+    "sft-ar": Stage("sft_ar", "ARSFTConfig", "run", "AR SFT: teacher z → the shared vector (creates the bundle)"),
+    "sft-av": Stage("sft_av", "AVSFTConfig", "run", "AV SFT: the injected shared vector → teacher z"),
+    "refit-dec": Stage("refit_dec", "RefitConfig", "run", "dec_M by least squares on the AR's outputs"),
+    "add-model": Stage("add_model", "AddModelConfig", "run", "add a held-out model to a trained bundle"),
+    "eval": Stage("evaluate", "EvalConfig", "run", "score every tag on the test split with baselines and controls"),
+    "verbalize": Stage("use", "VerbalizeConfig", "verbalize", "explain activations in words with a bundle"),
+    "reconstruct": Stage("use", "ReconstructConfig", "reconstruct", "map explanations back to activations"),
+    "quickstart": Stage("quickstart", "QuickstartConfig", "run", "the whole pipeline end to end on a preset"),
 }
 
 
 def _load_stage(name: str):
     stage = STAGES[name]
-    module = importlib.import_module(f"nla_universal.{stage.module}")
+    module = importlib.import_module(f"nla_universal.pipeline.{stage.module}")
     return getattr(module, stage.schema), getattr(module, stage.run)
 
 

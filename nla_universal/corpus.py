@@ -103,7 +103,13 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
         elif path.suffix == ".jsonl":
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{n} is not JSON ({exc.msg} at column {exc.colno})",
+                                        "write one JSON object per line") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{n} is not a JSON object", f'write {{"{text_field}": "..."}} per line')
                     if text_field not in row:
                         raise DataError(f"{path}:{n} has no field {text_field!r}", "set corpus.text_field")
                     yield str(row[text_field])

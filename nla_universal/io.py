@@ -7,6 +7,8 @@ does not exist at all.
 from __future__ import annotations
 
 import contextlib
+import enum
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,6 +18,9 @@ from typing import Any, Iterator
 import yaml
 
 SUCCESS = "_SUCCESS"
+
+# Configs hold StrEnum choices; in YAML they are their plain values.
+yaml.SafeDumper.add_multi_representer(enum.Enum, lambda dumper, value: dumper.represent_data(value.value))
 
 
 @contextlib.contextmanager
@@ -70,3 +75,38 @@ def mark_success(folder: str | os.PathLike) -> None:
 
 def is_complete(folder: str | os.PathLike) -> bool:
     return (Path(folder) / SUCCESS).exists()
+
+
+def file_digest(path: str | os.PathLike) -> dict:
+    """Size and sha256 of a file: what a manifest records, and what a reader checks against."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def manifest(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """`file_digest` of every file under `folder` (relative posix paths), except the names in `skip`."""
+    folder = Path(folder)
+    return {rel: file_digest(folder / rel) for rel in manifest_names(folder, skip)}
+
+
+def manifest_problems(folder: str | os.PathLike, expected: dict[str, dict], skip: tuple[str, ...] = ()) -> list[str]:
+    """What differs between `folder` and a manifest of it: missing, changed and unexpected files."""
+    folder = Path(folder)
+    problems = []
+    for rel, digest in expected.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif os.path.getsize(path) != digest["bytes"] or file_digest(path)["sha256"] != digest["sha256"]:
+            problems.append(f"{rel} changed since it was written")
+    extra = sorted(set(manifest_names(folder, skip)) - set(expected))
+    problems += [f"{rel} is not part of it" for rel in extra]
+    return problems
+
+
+def manifest_names(folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Files under `folder` (relative posix paths), except the names in `skip`, sorted."""
+    return [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip]

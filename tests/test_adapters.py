@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,12 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from nla_universal import activations, io
-from nla_universal.adapters import AdapterFitConfig, PoolAdapters, fit_encoder, fit_pool_adapters
+from nla_universal.adapters import AdapterFitConfig, PoolAdapters, fit_encoder
 from nla_universal.lstsq import fit_linear, fit_linear_path
 from nla_universal.config import ModelSpec, PoolConfig
 from nla_universal.corpus import write_passages
 from nla_universal.errors import ConfigError, DataError
 from nla_universal.metrics import normalize_rows
+from nla_universal.pipeline import fit_adapters
+from nla_universal.pipeline.workspace import RunConfig
 
 # ---------------------------------------------------------------------------------------------
 # Tiny pool: an anchor (d=16), a model linearly related to it (d=24), a held-out one (d=12), all
@@ -30,7 +33,8 @@ def write_store(root: Path, tag: str, ids: list[str], X: np.ndarray, pool: str =
     folder = activations.tag_dir(root, tag)
     folder.mkdir(parents=True, exist_ok=True)
     activations.write_shard(folder, 0, activations.shard_table(ids, X, np.full(len(ids), 7), None))
-    io.write_yaml(folder / "meta.yaml", {"tag": tag, "d_model": X.shape[1], "pool": pool, "layer": 1})
+    io.write_yaml(folder / "meta.yaml", {"tag": tag, "d_model": X.shape[1], "pool": pool, "layer": 1,
+                                         "shards": activations.shard_rows(folder)})
     io.mark_success(folder)
 
 
@@ -56,6 +60,15 @@ def pool_config() -> PoolConfig:
         ModelSpec(tag="anc", name="a"), ModelSpec(tag="lin", name="b"),
         ModelSpec(tag="ho", source="random", name="llama", held_out=True),
     ])
+
+
+def fit_pool(root: Path, fit: AdapterFitConfig, centre: bool = True) -> PoolAdapters:
+    """The fit-adapters stage on the run folder `root` (a fresh fit: any earlier record is removed)."""
+    io.write_yaml(root / "pool.yaml", dataclasses.asdict(pool_config()))
+    (root / "stages" / "fit-adapters.json").unlink(missing_ok=True)
+    fit_adapters.run(fit_adapters.FitAdaptersConfig(run=RunConfig(run_dir=str(root), pool=str(root / "pool.yaml")),
+                                                    fit=fit, centre=centre))
+    return PoolAdapters.load(root / "adapters")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,10 +221,10 @@ def test_add_and_encode_check_shapes_and_tags():
 # Pool fits
 
 
-def test_fit_pool_adapters_writes_everything_and_generalises(tmp_path):
-    acts, passages, _, _ = make_pool(tmp_path)
-    out = tmp_path / "bundle" / "adapters"
-    ad = fit_pool_adapters(acts, passages, pool_config(), out, AdapterFitConfig(), centre=False)
+def test_fit_adapters_writes_everything_and_generalises(tmp_path):
+    make_pool(tmp_path)
+    out = tmp_path / "adapters"
+    ad = fit_pool(tmp_path, AdapterFitConfig(), centre=False)
     assert ad.tags == ["anc", "lin", "ho"] and ad.dims == DIMS and ad.centre is None
     torch.testing.assert_close(ad.encoders["anc"].weight, torch.eye(16))
     torch.testing.assert_close(ad.decoders["anc"].weight, torch.eye(16))
@@ -228,9 +241,9 @@ def test_fit_pool_adapters_writes_everything_and_generalises(tmp_path):
 
 
 def test_the_shared_space_is_centred_on_the_anchors_train_mean(tmp_path):
-    acts, passages, stores, splits = make_pool(tmp_path)
+    _, _, stores, splits = make_pool(tmp_path)
     out = tmp_path / "adapters"
-    ad = fit_pool_adapters(acts, passages, pool_config(), out, AdapterFitConfig())
+    ad = fit_pool(tmp_path, AdapterFitConfig())
     train = np.array(splits) == "train"
     np.testing.assert_allclose(ad.centre, normalize_rows(stores["anc"][train]).mean(0), atol=1e-5)
     torch.testing.assert_close(ad.encoders["anc"].weight, torch.eye(16))
@@ -247,13 +260,13 @@ def test_the_shared_space_is_centred_on_the_anchors_train_mean(tmp_path):
 
 
 def test_test_split_never_reaches_a_fit(tmp_path):
-    acts, passages, stores, splits = make_pool(tmp_path)
-    first = fit_pool_adapters(acts, passages, pool_config(), tmp_path / "a", AdapterFitConfig())
+    acts, _, stores, splits = make_pool(tmp_path)
+    first = fit_pool(tmp_path, AdapterFitConfig())
     test_rows = np.array(splits) == "test"
     garbage = stores["lin"].copy()
     garbage[test_rows] = 1e3 * np.random.default_rng(9).standard_normal((test_rows.sum(), DIMS["lin"]))
     write_store(acts, "lin", [f"p{i:04d}" for i in range(len(splits))], garbage)
-    second = fit_pool_adapters(acts, passages, pool_config(), tmp_path / "b", AdapterFitConfig())
+    second = fit_pool(tmp_path, AdapterFitConfig())
     torch.testing.assert_close(first.encoders["lin"].weight, second.encoders["lin"].weight)
     torch.testing.assert_close(first.decoders["lin"].weight, second.decoders["lin"].weight)
 
@@ -297,9 +310,9 @@ def test_ridge_grid_is_chosen_on_val(tmp_path):
 
 
 def test_bias_option_is_stored_and_used(tmp_path):
-    acts, passages, stores, _ = make_pool(tmp_path)
-    ad = fit_pool_adapters(acts, passages, pool_config(), tmp_path / "out", AdapterFitConfig(bias=True), centre=False)
+    _, _, stores, _ = make_pool(tmp_path)
+    ad = fit_pool(tmp_path, AdapterFitConfig(bias=True), centre=False)
     assert ad.encoders["lin"].bias is not None and ad.encoders["anc"].bias is None
-    back = PoolAdapters.load(tmp_path / "out")
+    back = PoolAdapters.load(tmp_path / "adapters")
     h = torch.as_tensor(normalize_rows(stores["lin"][:5])).float()
     torch.testing.assert_close(back.encode("lin", h), ad.encode("lin", h))

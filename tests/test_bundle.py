@@ -15,7 +15,8 @@ from nla_universal.config import ModelSpec
 from nla_universal.errors import DataError, NLAError
 from nla_universal.metrics import METRICS
 from nla_universal.nla import ARConfig, TagInfo, UniversalNLA
-from nla_universal.nla.bundle import META_FILE, REQUIRED_FILES
+from nla_universal import io
+from nla_universal.nla.bundle import MANIFEST_FILE, META_FILE, REQUIRED_FILES
 
 TRUNK = ModelSpec(tag="tiny-llama", source="random", name="llama", layer=1)
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib"}
@@ -54,6 +55,7 @@ def nla():
     model = UniversalNLA.create(TRUNK, pool_adapters(64, TRUNK.tag), tags_for(TRUNK.tag, 64, 1), teacher_id="test-teacher",
                                 reports={"adapters/fit_summary.json": {"tags": {"other": {"val": 0.5}}}})
     perturb(model)
+    model.meta.stages = [{"stage": "sft-ar", "id": "a1"}, {"stage": "sft-av", "id": "b2"}]
     return model
 
 
@@ -67,10 +69,17 @@ def copy(saved, tmp_path) -> Path:
     return Path(shutil.copytree(saved, tmp_path / "bundle"))
 
 
-def edit_meta(folder: Path, change) -> None:
+def reseal(folder: Path) -> None:
+    """Rewrite the manifest, as a tool that wrote a whole (but wrong) bundle would."""
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": io.manifest(folder, skip=(MANIFEST_FILE,))}))
+
+
+def edit_meta(folder: Path, change, sealed: bool = True) -> None:
     meta = yaml.safe_load((folder / META_FILE).read_text())
     change(meta)
     (folder / META_FILE).write_text(yaml.safe_dump(meta))
+    if sealed:
+        reseal(folder)
 
 
 def trainable_state(nla: UniversalNLA) -> dict[str, torch.Tensor]:
@@ -139,8 +148,50 @@ def test_a_missing_file_is_named(copy, rel):
 def test_a_corrupt_file_is_named(copy, rel):
     data = (copy / rel).read_bytes()
     (copy / rel).write_bytes(data[: len(data) // 2] + b"\x00{[")
+    with pytest.raises(DataError, match=f"{rel} changed since it was written"):
+        UniversalNLA.load(copy)
+    reseal(copy)  # a bundle written whole with a broken file in it
     with pytest.raises(DataError, match=f"{rel}.*corrupt|corrupt.*{rel}"):
         UniversalNLA.load(copy)
+
+
+def test_a_bundle_without_manifest_or_with_a_stray_file_is_refused(copy):
+    (copy / "av" / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(DataError, match="av/extra.safetensors is not part of it"):
+        UniversalNLA.load(copy)
+    (copy / MANIFEST_FILE).unlink()
+    with pytest.raises(DataError, match="has no manifest.json: it was cut short"):
+        UniversalNLA.load(copy)
+
+
+def test_an_edited_d_shared_says_the_sidecar_and_the_adapters_disagree(copy):
+    edit_meta(copy, lambda m: m.__setitem__("d_shared", 65), sealed=False)
+    with pytest.raises(DataError, match="nla_meta.yaml changed since it was written") as err:
+        UniversalNLA.load(copy)
+    assert "restore" in err.value.fix
+    reseal(copy)
+    with pytest.raises(DataError, match="the sidecar and the adapters disagree: nla_meta.yaml says d_shared=65") as err:
+        UniversalNLA.load(copy)
+    assert "adapters/adapters.safetensors" in err.value.problem and "restore" in err.value.fix
+
+
+def test_an_untrained_part_is_refused_unless_asked_for(copy):
+    edit_meta(copy, lambda m: m.__setitem__("stages", [{"stage": "sft-ar", "id": "a1"}]))
+    with pytest.raises(DataError, match=r"(?s)the AV of bundle .* was never trained .*stages: sft-ar") as err:
+        UniversalNLA.load(copy)
+    assert "nla-universal sft-av" in err.value.fix
+    assert UniversalNLA.load(copy, parts=("ar",)).ar is not None
+    assert UniversalNLA.load(copy, trained=False).av is not None
+
+
+def test_parts_load_alone(saved):
+    ar_only = UniversalNLA.load(saved, parts=("ar",))
+    assert ar_only.reconstruct(["a cat"], "other").shape == (1, 32)
+    with pytest.raises(NLAError, match="loaded without its AV"):
+        ar_only.verbalize(torch.randn(32), "other")
+    av_only = UniversalNLA.load(saved, parts=("av",))
+    with pytest.raises(NLAError, match="loaded without its AR"):
+        av_only.reconstruct(["a cat"], "other")
 
 
 def test_schema_version_and_kind_are_checked(copy):
@@ -214,6 +265,7 @@ def test_create_refuses_a_template_without_placeholder():
 def test_api_end_to_end_on_the_real_smollm2_trunk(tmp_path):
     trunk = ModelSpec(tag="smollm2-135m", source="packaged", name="smollm2-135m-instruct", depth=0.5)
     model = UniversalNLA.create(trunk, pool_adapters(576, trunk.tag), tags_for(trunk.tag, 576, 14))
+    model.meta.stages = [{"stage": "sft-ar", "id": "a1"}, {"stage": "sft-av", "id": "b2"}]
     assert model.meta.ar.num_layers == 15
     h = torch.randn(2, 32)
     texts = model.verbalize(h, "other", max_new_tokens=8)
@@ -229,7 +281,8 @@ def test_api_end_to_end_on_the_real_smollm2_trunk(tmp_path):
 def test_verbalize_and_reconstruct_commands(saved, tmp_path):
     from nla_universal import activations, io
     from nla_universal.corpus import write_passages
-    from nla_universal.nla.cli_ops import ReconstructConfig, VerbalizeConfig, reconstruct_cmd, verbalize_cmd
+    from nla_universal.pipeline.use import ReconstructConfig, VerbalizeConfig, reconstruct, verbalize
+    from nla_universal.pipeline.workspace import RunConfig
 
     run = tmp_path / "run"
     ids = [f"p{i}" for i in range(6)]
@@ -239,12 +292,13 @@ def test_verbalize_and_reconstruct_commands(saved, tmp_path):
     folder.mkdir(parents=True)
     X = torch.randn(len(ids), 32).numpy()
     activations.write_shard(folder, 0, activations.shard_table(ids, X, [10] * len(ids), None))
-    io.write_yaml(folder / "meta.yaml", {"tag": "other", "d_model": 32})
+    io.write_yaml(folder / "meta.yaml", {"tag": "other", "d_model": 32, "shards": activations.shard_rows(folder)})
     io.mark_success(folder)
-    out = verbalize_cmd(VerbalizeConfig(bundle=str(saved), tag="other", run_dir=str(run), split="test", limit=3, max_new_tokens=5))
+    out = verbalize(VerbalizeConfig(bundle=str(saved), tag="other", run=RunConfig(run_dir=str(run)), split="test", limit=3,
+                                    max_new_tokens=5))
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["row"] for r in lines] == [0, 2, 4] and all(r["passage_id"] == ids[r["row"]] for r in lines)
-    summary = reconstruct_cmd(ReconstructConfig(bundle=str(saved), tag="other", run_dir=str(run)))
+    summary = reconstruct(ReconstructConfig(bundle=str(saved), tag="other", run=RunConfig(run_dir=str(run))))
     assert summary["n"] == 3 and set(METRICS) <= set(summary)
     back = pq.read_table(summary["output"])
     assert back.column("passage_id").to_pylist() == ["p0", "p2", "p4"] and len(back.column("activation")[0]) == 32

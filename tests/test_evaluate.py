@@ -10,12 +10,20 @@ import pyarrow as pa
 import pytest
 
 from nla_universal import metrics as M
-from nla_universal.adapters import AdapterFitConfig, fit_pool_adapters
+from nla_universal import io
+from nla_universal.adapters import AdapterFitConfig
 from nla_universal.corpus import write_passages
 from nla_universal.errors import DataError
-from nla_universal.evaluate import evaluate_linear_ceiling, score_tag
+from nla_universal.evaluate import score_tag
+from nla_universal.pipeline import evaluate
+from nla_universal.pipeline.workspace import RunConfig
 from nla_universal.report import write_report
-from test_adapters import make_pool, pool_config
+from test_adapters import fit_pool, make_pool
+
+
+def linear_eval(root, out: str = "eval") -> dict:
+    run = RunConfig(run_dir=str(root), pool=str(root / "pool.yaml"))
+    return evaluate.run(evaluate.EvalConfig(run=run, predictor="linear", n_boot=100, out=str(root / out)))
 
 
 def _scored(n: int = 120, d: int = 16, seed: int = 0, texts=None) -> tuple[dict, dict]:
@@ -88,11 +96,9 @@ def test_report_without_matplotlib_skips_the_plot(tmp_path, monkeypatch):
 
 
 def test_linear_ceiling_end_to_end(tmp_path):
-    acts, passages, _, _ = make_pool(tmp_path)
-    pool = pool_config()
-    fit_pool_adapters(acts, passages, pool, tmp_path / "adapters", AdapterFitConfig(), centre=False)
-    out = evaluate_linear_ceiling(acts, passages, pool, tmp_path / "adapters", tmp_path / "eval", n_boot=100)
-    res = out["results"]
+    make_pool(tmp_path)
+    fit_pool(tmp_path, AdapterFitConfig(), centre=False)
+    res = linear_eval(tmp_path)["results"]
     assert res["anc"]["metrics"]["fve_centred"] == pytest.approx(1.0, abs=1e-6)  # identity pair
     for tag in ("lin", "ho"):
         assert res[tag]["N"] == 30
@@ -104,14 +110,15 @@ def test_linear_ceiling_end_to_end(tmp_path):
 
 
 def test_linear_ceiling_refuses_missing_pieces(tmp_path):
-    acts, passages, _, _ = make_pool(tmp_path)
-    pool = pool_config()
-    fit_pool_adapters(acts, passages, pool, tmp_path / "adapters", AdapterFitConfig())
-    no_test = pa.table({"passage_id": ["p0000", "p0001"], "text": ["a", "b"], "split": ["train", "val"]})
-    write_passages(no_test, tmp_path / "no_test.parquet")
-    with pytest.raises(DataError, match="no test split"):
-        evaluate_linear_ceiling(acts, tmp_path / "no_test.parquet", pool, tmp_path / "adapters", tmp_path / "e")
-    pool.models[1].tag = "unfitted"
+    make_pool(tmp_path)
+    fit_pool(tmp_path, AdapterFitConfig())
+    pool = io.read_yaml(tmp_path / "pool.yaml")
+    pool["models"][1]["tag"] = "unfitted"
+    io.write_yaml(tmp_path / "pool.yaml", pool)
     with pytest.raises(DataError, match=r"lack tags \['unfitted'\]"):
-        evaluate_linear_ceiling(acts, passages, pool, tmp_path / "adapters", tmp_path / "e")
+        linear_eval(tmp_path, "e")
+    no_test = pa.table({"passage_id": ["p0000", "p0001"], "text": ["a", "b"], "split": ["train", "val"]})
+    write_passages(no_test, tmp_path / "passages.parquet")
+    with pytest.raises(DataError, match="no test split"):
+        linear_eval(tmp_path, "e")
     assert not (tmp_path / "e").exists()

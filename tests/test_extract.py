@@ -17,8 +17,10 @@ from nla_universal.config import CorpusConfig, ModelSpec, load_pool
 from nla_universal.cli import main
 from nla_universal.corpus import build_passages, write_passages
 from nla_universal.errors import ConfigError, DataError
-from nla_universal.extract import ExtractConfig, extract
 from nla_universal.models import content_mask, input_embedding, load_model
+from nla_universal.pipeline.extract import ExtractConfig
+from nla_universal.pipeline.extract import run as extract
+from nla_universal.pipeline.workspace import RunConfig
 
 TINY = [
     {"tag": "tiny-llama", "source": "random", "name": "llama", "layer": 1},
@@ -45,7 +47,7 @@ def run_dir(tmp_path_factory):
 
 
 def cfg_for(run: Path, pool: str, **kw) -> ExtractConfig:
-    return ExtractConfig(run_dir=str(run), pool=pool, shard_size=10, batch_size=4, **kw)
+    return ExtractConfig(run=RunConfig(run_dir=str(run), pool=pool), shard_size=10, batch_size=4, **kw)
 
 
 def manual_rows(spec: ModelSpec, texts: list[str], pool: str) -> np.ndarray:
@@ -143,10 +145,10 @@ def test_kill_and_resume_gives_the_same_shards(tmp_path):
         runs[name].mkdir()
         write_passages(table, runs[name] / "passages.parquet")
     pool_file = _slow_pool(tmp_path)
-    args = [sys.executable, "-m", "nla_universal.cli", "extract", f"pool={pool_file}", "shard_size=8", "batch_size=4"]
-    extract(ExtractConfig(run_dir=str(runs["clean"]), pool=pool_file, shard_size=8, batch_size=4))
+    args = [sys.executable, "-m", "nla_universal.cli", "extract", f"run.pool={pool_file}", "shard_size=8", "batch_size=4"]
+    extract(ExtractConfig(run=RunConfig(run_dir=str(runs["clean"]), pool=pool_file), shard_size=8, batch_size=4))
     folder = runs["killed"] / "activations" / "tiny-llama"
-    proc = subprocess.Popen(args + [f"run_dir={runs['killed']}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args + [f"run.run_dir={runs['killed']}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not activations.shard_path(folder, 1).exists():
         assert proc.poll() is None and time.time() < deadline, "extraction ended before it could be interrupted"
@@ -154,11 +156,11 @@ def test_kill_and_resume_gives_the_same_shards(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not io.is_complete(folder)
-    n_before = len(activations.complete_shards(folder))
+    n_before = len(activations.shard_files(folder))
     assert 2 <= n_before < 12
     with pytest.raises(DataError, match="incomplete"):
         activations.read_activations(runs["killed"] / "activations", "tiny-llama")
-    assert subprocess.run(args + [f"run_dir={runs['killed']}"], capture_output=True).returncode == 0
+    assert subprocess.run(args + [f"run.run_dir={runs['killed']}"], capture_output=True).returncode == 0
     a = activations.read_activations(runs["killed"] / "activations", "tiny-llama")
     b = activations.read_activations(runs["clean"] / "activations", "tiny-llama")
     assert a.passage_ids == b.passage_ids and np.array_equal(a.X, b.X)
@@ -179,7 +181,7 @@ def test_bad_pool_entries_fail_clearly_and_write_nothing(tmp_path, run_dir, caps
     run.mkdir()
     (run / "passages.parquet").write_bytes((run_dir / "passages.parquet").read_bytes())
     pool_file = write_pool(tmp_path / "pool.yaml", models, anchor=models[0]["tag"])
-    assert main(["extract", f"run_dir={run}", f"pool={pool_file}"]) == 2
+    assert main(["extract", f"run.run_dir={run}", f"run.pool={pool_file}"]) == 2
     err = capsys.readouterr().err
     assert message in err and "fix:" in err
     assert not any(io.is_complete(p) for p in (run / "activations").glob("*")) if (run / "activations").exists() else True
@@ -208,7 +210,7 @@ def test_inf_forward_names_tag_and_passages_unless_dropped(tmp_path, run_dir):
     with pytest.raises(DataError, match=r"tiny-inf: non-finite activations .*dtype"):
         extract(cfg_for(run, pool_file))
     assert not io.is_complete(run / "activations" / "tiny-inf")
-    assert not activations.complete_shards(run / "activations" / "tiny-inf")
+    assert not activations.shard_files(run / "activations" / "tiny-inf")
     extract(cfg_for(run, pool_file, drop_nonfinite=True))
     meta = io.read_yaml(run / "activations" / "tiny-inf" / "meta.yaml")
     assert meta["dropped_nonfinite"] == 24 and meta["n_rows"] == 0
@@ -218,10 +220,80 @@ def test_inf_forward_names_tag_and_passages_unless_dropped(tmp_path, run_dir):
 def test_real_packaged_models_extract_finite_activations_on_the_builtin_corpus(tmp_path):
     run = tmp_path / "run"
     write_passages(build_passages(CorpusConfig(max_passages=12)), run / "passages.parquet")
-    extract(ExtractConfig(run_dir=str(run), pool="demo", batch_size=4))
+    extract(ExtractConfig(run=RunConfig(run_dir=str(run), pool="demo"), batch_size=4))
     dims = {"smollm2-135m": 576, "gemma3-270m": 640}
     for tag, d in dims.items():
         acts = activations.read_activations(run / "activations", tag)
         assert acts.X.shape == (12, d) and np.isfinite(acts.X).all()
         assert acts.meta["layer"] == round(0.5 * (acts.meta["num_layers"] - 1))
         assert (acts.n_tokens > 0).all()
+
+
+def test_a_bad_entry_fails_before_any_model_is_extracted(tmp_path, run_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "passages.parquet").write_bytes((run_dir / "passages.parquet").read_bytes())
+    pool_file = write_pool(tmp_path / "pool.yaml", [TINY[0], dict(TINY[1], layer=999)])
+    with pytest.raises(ConfigError, match=r"nothing was extracted: tiny-bloom: layer 999 is outside"):
+        extract(cfg_for(run, pool_file))
+    assert not (run / "activations" / "tiny-llama").exists()
+
+
+def test_a_typo_inside_a_pool_entry_names_the_file_the_entry_and_its_keys(tmp_path):
+    pool_file = write_pool(tmp_path / "pool.yaml", [TINY[0], {**TINY[1], "layr": 1}])
+    with pytest.raises(ConfigError) as err:
+        load_pool(pool_file)
+    assert "pool.yaml" in err.value.problem and "'tiny-bloom'" in err.value.problem and "'layr'" in err.value.problem
+    assert "did you mean 'layer'" in err.value.fix and "positions_per_passage" in err.value.fix
+
+
+@pytest.fixture()
+def complete_run(tmp_path, run_dir) -> tuple[Path, str]:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "passages.parquet").write_bytes((run_dir / "passages.parquet").read_bytes())
+    pool_file = write_pool(tmp_path / "pool.yaml", TINY[:1])
+    extract(cfg_for(run, pool_file))
+    return run, pool_file
+
+
+def test_a_shard_removed_from_a_complete_folder_is_named_and_overwrite_really_re_extracts(complete_run):
+    run, pool_file = complete_run
+    folder = run / "activations" / "tiny-llama"
+    before = activations.read_activations(run / "activations", "tiny-llama")
+    activations.shard_path(folder, 1).unlink()
+    with pytest.raises(DataError, match=r"part-00001.parquet is missing \(10 rows recorded\)") as err:
+        activations.read_activations(run / "activations", "tiny-llama")
+    assert "overwrite=true" in err.value.fix and '"tags=[tiny-llama]"' in err.value.fix
+    extract(cfg_for(run, pool_file))  # complete by its marker: a plain rerun keeps it (and the error stays)
+    with pytest.raises(DataError, match="is missing"):
+        activations.read_activations(run / "activations", "tiny-llama")
+    extract(cfg_for(run, pool_file, overwrite=True))
+    after = activations.read_activations(run / "activations", "tiny-llama")
+    assert after.passage_ids == before.passage_ids and np.array_equal(after.X, before.X)
+
+
+def test_an_extra_or_short_shard_is_named(complete_run):
+    run, _ = complete_run
+    folder = run / "activations" / "tiny-llama"
+    table = pq.read_table(activations.shard_path(folder, 0))
+    pq.write_table(table, folder / "part-00009.parquet")
+    with pytest.raises(DataError, match="part-00009.parquet is not one of the shards"):
+        activations.read_activations(run / "activations", "tiny-llama")
+    (folder / "part-00009.parquet").unlink()
+    pq.write_table(table.slice(0, 3), activations.shard_path(folder, 0))
+    with pytest.raises(DataError, match=r"part-00000.parquet holds 3 rows, its record says 10"):
+        activations.read_activations(run / "activations", "tiny-llama")
+
+
+def test_a_nan_row_is_named_by_tag_file_and_passage(complete_run):
+    run, _ = complete_run
+    folder = run / "activations" / "tiny-llama"
+    path = activations.shard_path(folder, 1)
+    table = pq.read_table(path)
+    X = np.stack(table.column("activation").to_pylist()).astype(np.float32)
+    X[4, 7] = np.nan
+    ids = table.column("passage_id").to_pylist()
+    pq.write_table(activations.shard_table(ids, X, table.column("n_tokens").to_numpy(), None), path)
+    with pytest.raises(DataError, match=rf"tiny-llama: 1 activation row\(s\) in .*part-00001.parquet hold NaN/inf, e.g. passage {ids[4]}"):
+        activations.read_activations(run / "activations", "tiny-llama")

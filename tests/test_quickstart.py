@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nla_universal.quickstart import diagnostics_markdown
+from nla_universal.pipeline.quickstart_report import diagnostics_markdown
 
 pytestmark = pytest.mark.slow
 

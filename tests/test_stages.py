@@ -16,18 +16,20 @@ from safetensors.torch import load_file
 from nla_universal.config import CorpusConfig, ModelSpec
 from nla_universal.corpus import build_passages, read_passages, write_passages
 from nla_universal.errors import ConfigError, DataError
-from nla_universal.evaluate_nla import EvalConfig, run_eval
-from nla_universal.extract import ExtractConfig, extract
 from nla_universal.nla.av import AVConfig
 from nla_universal.nla.lora import LoraSettings
-from nla_universal.stages import FitAdaptersConfig, run_fit_adapters
+from nla_universal.pipeline import add_model, evaluate, extract, fit_adapters, refit_dec, sft_ar, sft_av
+from nla_universal.pipeline.add_model import AddModelConfig
+from nla_universal.pipeline.evaluate import EvalConfig
+from nla_universal.pipeline.refit_dec import RefitConfig
+from nla_universal.pipeline.sft_ar import ARSFTConfig, BundleInitConfig
+from nla_universal.pipeline.sft_av import AVSFTConfig
+from nla_universal.pipeline.workspace import RunConfig
 from nla_universal.train import loop as loop_module
-from nla_universal.train.add_model import AddModelConfig, run_add_model
 from nla_universal.train.loop import LoopConfig
-from nla_universal.train.refit import RefitConfig, run_refit_dec
-from nla_universal.train.sft_ar import ARSFTConfig, run_sft_ar
-from nla_universal.train.sft_av import AVSFTConfig, collapse_alarm, run_sft_av, swapped_vectors
-from nla_universal.train.workspace import BundleInitConfig, RunConfig
+from nla_universal.train.sft import collapse_alarm, swapped_vectors
+
+run_sft_ar, run_sft_av, run_refit_dec, run_add_model, run_eval = sft_ar.run, sft_av.run, refit_dec.run, add_model.run, evaluate.run
 
 TEACHER = "fixture:first-sentence"
 POOL = {"anchor": "tiny-llama", "models": [
@@ -51,10 +53,10 @@ def prepared(tmp_path_factory) -> Path:
     table = table.append_column("z", pa.array(z)).append_column("teacher", pa.array([TEACHER] * len(z)))
     write_passages(table, run / "passages.parquet")
     (run / "pool.yaml").write_text(yaml.safe_dump(POOL))
-    extract(ExtractConfig(run_dir=str(run), pool=str(run / "pool.yaml")))
-    fit = FitAdaptersConfig(run_dir=str(run), pool=str(run / "pool.yaml"))
+    extract.run(extract.ExtractConfig(run=run_cfg(run)))
+    fit = fit_adapters.FitAdaptersConfig(run=run_cfg(run))
     fit.fit.min_overlap = 8
-    run_fit_adapters(fit)
+    fit_adapters.run(fit)
     return run
 
 
@@ -62,7 +64,7 @@ def copy_run(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for name in ("passages.parquet", "pool.yaml"):
         (dst / name).write_bytes((src / name).read_bytes())
-    for sub in ("activations", "adapters"):
+    for sub in ("activations", "adapters", "stages"):
         for f in (src / sub).rglob("*"):
             if f.is_file():
                 (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +82,11 @@ def small_init() -> BundleInitConfig:
 
 def ar_sft(run: Path, steps: int, lr: float = 3e-3) -> dict:
     return run_sft_ar(ARSFTConfig(run=run_cfg(run), init=small_init(), loop=LoopConfig(steps=steps, lr=lr, **FAST), val_passages=8))
+
+
+def av_sft(run: Path, steps: int = 1, **kw) -> dict:
+    return run_sft_av(AVSFTConfig(run=run_cfg(run), loop=LoopConfig(steps=steps, lr=3e-3, **FAST), val_passages=8,
+                                  collapse_sample=4, max_new_tokens=6, **kw))
 
 
 def bundle_tensors(run: Path, part: str) -> dict[str, torch.Tensor]:
@@ -165,6 +172,7 @@ def test_a_second_teacher_is_refused(prepared, tmp_path):
 def test_refit_add_model_and_eval(prepared, tmp_path):
     run = copy_run(prepared, tmp_path / "run")
     ar_sft(run, steps=4)
+    av_sft(run)
     refit = RefitConfig(run=run_cfg(run), train_passages=24, val_passages=6, max_new_tokens=8)
     refit.fit.min_overlap = 8
     record = run_refit_dec(refit)
@@ -192,18 +200,19 @@ def test_refit_add_model_and_eval(prepared, tmp_path):
 
 
 def test_verbalize_text_matches_the_stored_activation_of_that_text(prepared, tmp_path):
-    from nla_universal.nla.cli_ops import VerbalizeConfig, verbalize_cmd
+    from nla_universal.pipeline.use import VerbalizeConfig, verbalize
 
     run = copy_run(prepared, tmp_path / "run")
     ar_sft(run, steps=1)
+    av_sft(run)
     table = read_passages(run / "passages.parquet")
     first_test = table.column("split").to_pylist().index("test")
-    common = dict(bundle=str(run / "bundle"), tag="tiny-gpt2", run_dir=str(run), max_new_tokens=6)
-    stored = verbalize_cmd(VerbalizeConfig(**common, split="test", limit=1))
+    common = dict(bundle=str(run / "bundle"), tag="tiny-gpt2", run=run_cfg(run), max_new_tokens=6)
+    stored = verbalize(VerbalizeConfig(**common, split="test", limit=1))
     expected = json.loads(stored.read_text().splitlines()[0])
     assert expected["passage_id"] == table.column("passage_id")[first_test].as_py()
     text = table.column("text")[first_test].as_py()
-    assert verbalize_cmd(VerbalizeConfig(**common, text=text, pool=str(run / "pool.yaml"))) == expected["explanation"]
+    assert verbalize(VerbalizeConfig(**common, text=text)) == expected["explanation"]
 
 
 def test_bad_inputs_name_the_problem(prepared, tmp_path):
@@ -214,13 +223,70 @@ def test_bad_inputs_name_the_problem(prepared, tmp_path):
     (run / "other.yaml").write_text(yaml.safe_dump(other))
     with pytest.raises(ConfigError, match="trained on trunk 'tiny-llama'"):
         run_sft_av(AVSFTConfig(run=RunConfig(run_dir=str(run), pool=str(run / "other.yaml")), loop=LoopConfig(steps=1, **FAST)))
-    # a bundle whose tags lack activations
-    shutil.rmtree(run / "activations" / "tiny-gpt2")
-    with pytest.raises(DataError, match="no activations for tag 'tiny-gpt2'"):
-        run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=4, n_boot=10, tags=["tiny-gpt2"]))
     # a corpus without z
     table = read_passages(run / "passages.parquet").drop_columns(["z", "teacher"])
     write_passages(table, run / "passages.parquet")
     with pytest.raises(DataError, match="run `nla-universal teach` first"):
         run_sft_av(AVSFTConfig(run=run_cfg(run), loop=LoopConfig(steps=1, **FAST)))
     assert not (run / "stages" / "sft-av.json").exists()
+
+
+def kill_after_first_checkpoint(monkeypatch):
+    real_save = loop_module.save_checkpoint
+
+    def save_then_die(root, step, *args, **kw):
+        real_save(root, step, *args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
+    return lambda: monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+
+
+def test_a_killed_sft_ar_leaves_no_bundle_to_evaluate(prepared, tmp_path, monkeypatch):
+    run = copy_run(prepared, tmp_path / "run")
+    restore = kill_after_first_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        ar_sft(run, steps=4)
+    restore()
+    assert not (run / "bundle").exists(), "an untrained bundle must never be written"
+    with pytest.raises(DataError, match="no bundle in") as err:
+        run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=4, n_boot=10))
+    assert "sft-ar" in err.value.fix
+
+
+def test_a_killed_sft_av_is_never_evaluated_verbalized_or_refitted(prepared, tmp_path, monkeypatch):
+    from nla_universal.nla import UniversalNLA
+    from nla_universal.pipeline.use import VerbalizeConfig, verbalize
+
+    run = copy_run(prepared, tmp_path / "run")
+    ar_sft(run, steps=2)
+    restore = kill_after_first_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        av_sft(run, steps=4, train_enc=False)
+    restore()
+    for attempt in (lambda: run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=4, n_boot=10)),
+                    lambda: run_refit_dec(RefitConfig(run=run_cfg(run), train_passages=8, val_passages=4, max_new_tokens=4))):
+        with pytest.raises(DataError, match="has not been through sft-av") as err:
+            attempt()
+        assert "nla-universal sft-av" in err.value.fix
+    with pytest.raises(DataError, match="was never trained"):
+        verbalize(VerbalizeConfig(bundle=str(run / "bundle"), tag="tiny-gpt2", run=run_cfg(run), max_new_tokens=4))
+    with pytest.raises(DataError, match="was never trained"):
+        UniversalNLA.load(run / "bundle")
+    av_sft(run, steps=4, train_enc=False)  # the rerun resumes and completes; now the bundle serves
+    assert UniversalNLA.load(run / "bundle").meta.stage_names == ["sft-ar", "sft-av"]
+
+
+def test_rerunning_an_upstream_stage_makes_its_dependants_stale(prepared, tmp_path):
+    run = copy_run(prepared, tmp_path / "run")
+    ar_sft(run, steps=2)
+    av_sft(run)
+    refit = RefitConfig(run=run_cfg(run), train_passages=16, val_passages=4, max_new_tokens=4)
+    refit.fit.min_overlap = 8
+    run_refit_dec(refit)
+    assert yaml.safe_load((run / "bundle" / "nla_meta.yaml").read_text())["stages"][-1]["stage"] == "refit-dec"
+    av_sft(run, steps=2)  # other settings: sft-av runs again, and the decoders fitted on the old AV are stale
+    stages = [s["stage"] for s in yaml.safe_load((run / "bundle" / "nla_meta.yaml").read_text())["stages"]]
+    assert stages == ["sft-ar", "sft-av"]
+    with pytest.raises(DataError, match="has not been through refit-dec"):
+        run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=4, n_boot=10))

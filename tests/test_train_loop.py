@@ -1,14 +1,22 @@
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
+from nla_universal.config import load_config
+from nla_universal.errors import ConfigError, DataError
 from nla_universal.train.loop import LoopConfig, batch_indices, lr_at, named_trainable, train
 
 
 class Crash(Exception):
     pass
+
+
+@dataclass
+class Holder:
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 def run(tmp_path, steps=24, crash_at=None, grad_accum=2):
@@ -64,3 +72,30 @@ def test_schedule_warms_up_then_decays():
     cfg = LoopConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(99, cfg) == pytest.approx(0.1, abs=0.01) and lr_at(50, cfg) < lr_at(20, cfg)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    with pytest.raises(Crash):
+        run(tmp_path, crash_at=27)  # steps 11..13 were logged, then rolled back to the step-10 checkpoint
+    run(tmp_path)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, 25))
+
+
+def test_a_checkpoint_of_other_parameters_is_a_clear_error(tmp_path):
+    run(tmp_path, steps=5)
+    model = torch.nn.Linear(8, 2)
+    named = named_trainable([("other", model)])
+    with pytest.raises(DataError, match="holds other trainable parameters") as err:
+        train(out_dir=tmp_path, named_params=named, param_groups=[{"params": list(named.values())}], n_examples=8,
+              loss_fn=lambda idx: (model(torch.zeros(1, 8)).sum(), {}), eval_fn=None,
+              cfg=LoopConfig(steps=6, batch_size=2), device=torch.device("cpu"), desc="test")
+    assert "delete" in err.value.fix and str(tmp_path / "checkpoints") in err.value.fix
+
+
+def test_a_misspelt_choice_is_refused_with_the_valid_values():
+    with pytest.raises(ConfigError, match=r"loop.schedule.*'cosin', expected one of \[constant, cosine, linear\]"):
+        load_config(Holder, overrides=["loop.schedule=cosin"])
+    with pytest.raises(ConfigError, match=r"loop.autocast.*expected one of \[auto, bf16, off\]"):
+        load_config(Holder, overrides=["loop.autocast=of"])
+    assert load_config(Holder, overrides=["loop.schedule=linear"]).loop.schedule == "linear"

@@ -12,7 +12,7 @@ from typing import Iterator, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..config import DTYPES, ModelSpec
+from ..config import DType, ModelSpec, choices
 from ..errors import ConfigError, NLAError
 from .arch import decoder_layers, text_config
 from .sources import hub_or_local, model_folder
@@ -53,8 +53,8 @@ def resolve_layer(spec: ModelSpec, num_layers: int) -> int:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}", f"use one of {DTYPES}")
+    if name not in set(DType):
+        raise ConfigError(f"unknown dtype {name!r}", f"use one of {choices(DType)}")
     return getattr(torch, name)
 
 

@@ -1,14 +1,21 @@
-"""The AV (verbalizer) and AR (reconstructor) shared by every pooled model, and the bundle format."""
+"""The AV (verbalizer) and AR (reconstructor) shared by every pooled model, and the bundle format.
 
-from .api import UniversalNLA
-from .ar import AR, ARConfig
-from .av import AV, AVConfig, Explanation, SequenceLogProbs
-from .bundle import NLAMeta, TagInfo, read_meta
-from .injection import InjectionError, embed_and_inject, inject, injecting, rescale
-from .lora import LoraSettings
-from .markers import MarkerSpec
+Names are imported lazily: `import nla_universal.nla.injection` pulls in torch only, while
+`from nla_universal.nla import UniversalNLA` loads the API (transformers, peft, pyarrow) on first use.
+"""
 
-__all__ = [
-    "AR", "ARConfig", "AV", "AVConfig", "Explanation", "InjectionError", "LoraSettings", "MarkerSpec", "NLAMeta",
-    "SequenceLogProbs", "TagInfo", "UniversalNLA", "embed_and_inject", "inject", "injecting", "read_meta", "rescale",
-]
+from importlib import import_module
+
+_HOME = {
+    "UniversalNLA": "api", "AR": "ar", "ARConfig": "ar", "AV": "av", "AVConfig": "av", "Explanation": "av",
+    "SequenceLogProbs": "av", "NLAMeta": "bundle", "TagInfo": "bundle", "read_meta": "bundle",
+    "InjectionError": "injection", "embed_and_inject": "injection", "inject": "injection", "injecting": "injection",
+    "rescale": "injection", "LoraSettings": "lora", "MarkerSpec": "markers",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_HOME[name]}", __name__), name)

@@ -1,17 +1,19 @@
-"""`UniversalNLA`: a bundle as one object — verbalize activations, reconstruct them from text.
+"""`UniversalNLA`: a bundle as one object — the NLA path as methods, and the two directions for users.
 
     nla = UniversalNLA.load("bundle/")
     texts = nla.verbalize(h, "gpt2-medium")           # h: [N, d_M] or [d_M]
     h_hat = nla.reconstruct(texts, "gpt2-medium")     # [N, d_M]
     report = nla.roundtrip(h, "gpt2-medium")          # every metric + the explanations
 
-Path: h → n(h) at √d_M → enc_M (affine; subtracts the shared space's mean when centred) → AV
-(injected at injection_scale) → text → AR → n(·) at √d_shared → dec_M (adds the model's mean back).
+The path (`nla/path.py` does the arithmetic): `encode(h, tag)` → v at √d_shared (enc_M subtracts the
+shared space's mean when centred) → `verbalize_shared(v, tags)` (the AV, injected at
+injection_scale) → text → `shared_from_text(texts)` (the AR) → `decode(v, tag)` (dec_M adds the
+model's mean back). A bundle can be loaded with only its AV or only its AR (`parts=`), for layouts
+that place them on different devices or processes.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,25 +22,40 @@ import torch
 
 from ..adapters import PoolAdapters
 from ..config import ModelSpec
-from ..errors import ConfigError, NLAError
+from ..errors import ConfigError, DataError, NLAError
 from ..metrics import all_metrics
 from ..models import load_model
 from ..rollout import RolloutEngine, SamplingParams
+from . import path
 from .ar import AR, ARConfig, default_mse_scale
 from .av import AV, AVConfig, Explanation
 from .bundle import (FVE_REPORT_FILE, ARMeta, AVMeta, NLAMeta, TagInfo, check_adapters_match, check_d_shared, read_meta,
                      read_reports, spec_from_dict, spec_to_dict, write_bundle)
-from .injection import rescale
 from .prompts import check_ar_template, check_av_template
+
+PARTS = ("av", "ar")
+# Stages after which a part holds trained weights (a bundle records the stages that wrote it).
+TRAINED_BY = {"av": ("sft-av", "rl"), "ar": ("sft-ar", "rl")}
+
+
+def check_trained(meta: NLAMeta, parts: Sequence[str], folder: Path) -> None:
+    for part in parts:
+        if not set(TRAINED_BY[part]) & set(meta.stage_names):
+            raise DataError(
+                f"the {part.upper()} of bundle {folder} was never trained (the bundle records stages: "
+                f"{', '.join(meta.stage_names) or 'none'})",
+                f"run `nla-universal {TRAINED_BY[part][0]}` on it first",
+            )
 
 
 class UniversalNLA:
-    """AV + AR + per-model adapters, with the sidecar that ties them together."""
+    """AV + AR + per-model adapters, with the sidecar that ties them together (either part may be absent)."""
 
-    def __init__(self, meta: NLAMeta, av: AV, ar: AR, adapters: PoolAdapters, reports: dict[str, Any] | None = None):
+    def __init__(self, meta: NLAMeta, av: AV | None, ar: AR | None, adapters: PoolAdapters,
+                 reports: dict[str, Any] | None = None):
         self.meta = meta
-        self.av = av
-        self.ar = ar
+        self._av = av
+        self._ar = ar
         self.adapters = adapters
         self.reports = dict(reports or {})  # JSON reports by path in the bundle (fit reports, fve_report.json)
 
@@ -77,20 +94,32 @@ class UniversalNLA:
         return cls(meta, verbalizer, reconstructor, adapters, reports)
 
     @classmethod
-    def load(cls, folder: str | Path, cache_dir: str | None = None, device: str | None = None,
-             engine: RolloutEngine | None = None) -> "UniversalNLA":
-        """A saved bundle; every file and every recorded id is checked against the live trunk and tokenizer."""
+    def load(cls, folder: str | Path, cache_dir: str | None = None, device: str | torch.device | None = None,
+             engine: RolloutEngine | None = None, *, parts: Sequence[str] = PARTS, trained: bool = True,
+             generate_batch_size: int = 8, progress: bool = False) -> "UniversalNLA":
+        """A saved bundle; every file is checked against its manifest and every recorded id against the
+        live trunk and tokenizer. `parts`: load only "av" or only "ar". `trained`: refuse a part that no
+        training stage has written (pipeline stages that continue training pass False)."""
         folder = Path(folder)
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown or not parts:
+            raise ConfigError(f"bundle parts {list(parts)}", f"load some of {PARTS}")
         meta = read_meta(folder)
-        adapters = PoolAdapters.load(folder / "adapters", expect_tags=list(meta.tags), expect_d_shared=meta.d_shared)
+        if trained:
+            check_trained(meta, parts, folder)
+        adapters = PoolAdapters.load(folder / "adapters")
         check_adapters_match(meta, adapters)
-        av_model = load_model(spec_from_dict(meta.av.base, "av.base"), cache_dir=cache_dir)
-        check_d_shared(meta, av_model.d_model, "AV")
-        verbalizer = AV.load(folder / "av", av_model, meta.av.marker, meta.av.prompt_template, meta.av.injection_scale,
-                             canonical_tag=meta.anchor_tag, engine=engine)
-        ar_model = load_model(spec_from_dict(meta.ar.base, "ar.base"), cache_dir=cache_dir, num_blocks=meta.ar.num_layers)
-        check_d_shared(meta, ar_model.d_model, "AR")
-        reconstructor = AR.load(folder / "ar", ar_model, meta.ar.template)
+        verbalizer = reconstructor = None
+        if "av" in parts:
+            av_model = load_model(spec_from_dict(meta.av.base, "av.base"), cache_dir=cache_dir)
+            check_d_shared(meta, av_model.d_model, "AV")
+            verbalizer = AV.load(folder / "av", av_model, meta.av.marker, meta.av.prompt_template, meta.av.injection_scale,
+                                 canonical_tag=meta.anchor_tag, engine=engine, generate_batch_size=generate_batch_size,
+                                 progress=progress)
+        if "ar" in parts:
+            ar_model = load_model(spec_from_dict(meta.ar.base, "ar.base"), cache_dir=cache_dir, num_blocks=meta.ar.num_layers)
+            check_d_shared(meta, ar_model.d_model, "AR")
+            reconstructor = AR.load(folder / "ar", ar_model, meta.ar.template)
         nla = cls(meta, verbalizer, reconstructor, adapters, read_reports(folder))
         return nla.to(device) if device else nla
 
@@ -101,72 +130,88 @@ class UniversalNLA:
         return write_bundle(folder, self.meta, self.av, self.ar, self.adapters, self.reports)
 
     def to(self, device: str | torch.device) -> "UniversalNLA":
-        self.av.model.to(device)
-        self.ar.to(device)
-        self.adapters.to(device)
+        for part in (self._av.model if self._av else None, self._ar, self.adapters):
+            if part is not None:
+                part.to(device)
         return self
 
-    def _adapter_device(self) -> torch.device:
-        return next(self.adapters.parameters()).device
+    @property
+    def av(self) -> AV:
+        if self._av is None:
+            raise NLAError("this UniversalNLA was loaded without its AV", "load the bundle with parts=('av', ...)")
+        return self._av
 
-    # ------------------------------------------------------------------ the two directions
+    @property
+    def ar(self) -> AR:
+        if self._ar is None:
+            raise NLAError("this UniversalNLA was loaded without its AR", "load the bundle with parts=(..., 'ar')")
+        return self._ar
+
+    def eval(self) -> "UniversalNLA":
+        """Dropout off in every loaded part (what a save or an inference pass expects)."""
+        if self._av is not None:
+            self._av.model.eval()
+        if self._ar is not None:
+            self._ar.eval()
+        return self
+
+    # ------------------------------------------------------------------ the path
 
     def _check_tag(self, tag: str) -> int:
         if tag not in self.meta.tags:
             raise NLAError(f"unknown tag {tag!r}", f"this bundle knows: {', '.join(self.meta.tags)}")
         return self.meta.tags[tag].d_model
 
-    def _rows(self, h, tag: str) -> torch.Tensor:
-        d = self._check_tag(tag)
-        h = (h if isinstance(h, torch.Tensor) else torch.as_tensor(np.asarray(h, dtype=np.float32))).detach().float().cpu()
-        if h.dim() == 1:
-            h = h[None]
-        if h.dim() != 2 or h.shape[1] != d or h.shape[0] == 0:
-            raise NLAError(
-                f"{tag}: got activations of shape {tuple(h.shape)}, expected [N, {d}] or [{d}] (d_model of {tag})",
-                f"pass rows taken at {tag}'s layer {self.meta.tags[tag].layer}",
-            )
-        bad = int((~torch.isfinite(h)).any(dim=1).sum())
-        if bad:
-            raise NLAError(f"{tag}: {bad} of {h.shape[0]} activation rows hold NaN or inf", "drop or fix those rows")
-        return h
+    def encode(self, h, tag: str, *, grad: bool = False) -> torch.Tensor:
+        """`[N, d_shared]`: the shared vectors of activations `h` of `tag` (what the AV reads, the AR's target)."""
+        self._check_tag(tag)
+        return path.encode(self.adapters, tag, h, grad=grad)
 
-    def shared_vectors(self, h, tag: str) -> torch.Tensor:
-        """`enc_M(n(h))`: the vectors the AV reads, `[N, d_shared]`."""
-        rows = self._rows(h, tag)
-        with torch.no_grad():
-            return self.adapters.encode(tag, rescale(rows, math.sqrt(rows.shape[1])).to(self._adapter_device()))
+    def verbalize_shared(self, v: torch.Tensor, tags: str | Sequence[str], sampling: SamplingParams | None = None) -> list[Explanation]:
+        """The AV's explanations of shared vectors `v` (one tag for all rows, or one per row)."""
+        tags = [tags] * len(v) if isinstance(tags, str) else list(tags)
+        for tag in set(tags):
+            self._check_tag(tag)
+        return self.av.explain(v, tags, sampling)
+
+    def shared_from_text(self, texts: Sequence[str], *, grad: bool = False, progress: bool = False) -> torch.Tensor:
+        """`[N, d_shared]`: the AR's reading of `texts` at √d_shared; `grad=True` keeps the graph (training)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise NLAError("the AR needs a non-empty list of strings", "pass the explanations as a list of str")
+        out = self.ar(texts) if grad else self.ar.reconstruct(texts, progress=progress)
+        return path.normalise_ar(out)
+
+    def decode(self, v: torch.Tensor, tag: str) -> torch.Tensor:
+        """`[N, d_M]`: shared vectors mapped back to `tag`'s space."""
+        self._check_tag(tag)
+        return path.decode(self.adapters, tag, v)
+
+    # ------------------------------------------------------------------ the two directions, for users
 
     def explain(self, h, tag: str, sampling: SamplingParams | None = None) -> list[Explanation]:
-        """Explanations with their parse flags and raw completions."""
-        vectors = self.shared_vectors(h, tag)
-        return self.av.explain(vectors, [tag] * len(vectors), sampling)
+        """Explanations of activations `h` with their parse flags and raw completions."""
+        return self.verbalize_shared(self.encode(h, tag), tag, sampling)
 
     def verbalize(self, h, tag: str, **sampling) -> list[str]:
         """One explanation per row of `h`. Greedy unless sampling options (SamplingParams fields) say otherwise."""
         return [e.text for e in self.explain(h, tag, SamplingParams(**{"greedy": True, **sampling}))]
 
     def reconstruct(self, texts: Sequence[str] | str, tag: str) -> torch.Tensor:
-        """`[N, d_M]`: AR(text) rescaled to √d_shared, then dec_M."""
+        """`[N, d_M]`: the activations of `tag` that `texts` describe."""
         self._check_tag(tag)
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise NLAError("reconstruct needs a non-empty list of strings", "pass the explanations as a list of str")
-        shared = rescale(self.ar.reconstruct(texts), math.sqrt(self.meta.d_shared)).to(self._adapter_device())
-        with torch.no_grad():
-            return self.adapters.decode(tag, shared).cpu()
+        return self.decode(self.shared_from_text(texts), tag)
 
     def roundtrip(self, h, tag: str, **sampling) -> dict:
-        """Every metric between n(h) and its reconstruction through text, plus the explanations.
+        """Every metric between h and its reconstruction through text, plus the explanations.
 
         fve_centred is NaN for a single row (it needs the rows' own mean)."""
-        rows = self._rows(h, tag)
+        rows = path.as_rows(h, tag, self._check_tag(tag))
         explanations = self.explain(rows, tag, SamplingParams(**{"greedy": True, **sampling}))
         texts = [e.text for e in explanations]
         predicted = self.reconstruct(texts, tag).numpy()
-        gold = rescale(rows, math.sqrt(rows.shape[1])).numpy()
         with np.errstate(divide="ignore", invalid="ignore"):
-            metrics = all_metrics(gold, predicted)
+            metrics = all_metrics(rows.numpy(), predicted)
         if len(rows) < 2:
             metrics["fve_centred"] = float("nan")
         return {**metrics, "explanations": texts, "parsed": [e.parsed for e in explanations]}

@@ -78,7 +78,7 @@ class AV:
     """Trunk + LoRA; prompts per tag; inject, generate, score."""
 
     def __init__(self, model: PeftModel, tokenizer, marker: MarkerSpec, template: str, injection_scale: float,
-                 engine: RolloutEngine | None = None, generate_batch_size: int = 8):
+                 engine: RolloutEngine | None = None, generate_batch_size: int = 8, progress: bool = False):
         self.model = model.eval()  # LoRA dropout off until a trainer calls .train()
         self.tokenizer = tokenizer
         self.marker = marker
@@ -86,7 +86,7 @@ class AV:
         if not injection_scale > 0:
             raise ConfigError(f"injection_scale={injection_scale}", "use a positive norm, or leave it unset (automatic)")
         self.injection_scale = float(injection_scale)
-        self.engine = engine or HFRolloutEngine(model, tokenizer, batch_size=generate_batch_size)
+        self.engine = engine or HFRolloutEngine(model, tokenizer, batch_size=generate_batch_size, progress=progress)
         self.pad_id = pad_token_id(tokenizer)
         self._prompts: dict[str, list[int]] = {}
 
@@ -105,11 +105,12 @@ class AV:
 
     @classmethod
     def load(cls, folder: str | Path, loaded: LoadedModel, marker: MarkerSpec, template: str, injection_scale: float,
-             canonical_tag: str, engine: RolloutEngine | None = None, generate_batch_size: int = 8) -> "AV":
+             canonical_tag: str, engine: RolloutEngine | None = None, generate_batch_size: int = 8,
+             progress: bool = False) -> "AV":
         """The AV saved in `folder`, after checking the recorded marker against the live tokenizer."""
         check_marker(loaded.tokenizer, marker, lambda c: render_av_prompt(loaded.tokenizer, template, canonical_tag, c))
         model = load_lora(loaded.model, folder)
-        return cls(model, loaded.tokenizer, marker, template, injection_scale, engine, generate_batch_size)
+        return cls(model, loaded.tokenizer, marker, template, injection_scale, engine, generate_batch_size, progress)
 
     def save(self, folder: str | Path) -> None:
         self.model.save_pretrained(str(folder))

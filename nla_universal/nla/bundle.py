@@ -1,15 +1,18 @@
 """The bundle: one folder users share (DESIGN.md "Files"), and its `nla_meta.yaml` sidecar.
 
-    nla_meta.yaml     kind, schema_version, d_shared, anchor_tag, tags, av, ar, teacher
+    nla_meta.yaml     kind, schema_version, d_shared, anchor_tag, tags, av, ar, teacher, stages
     av/               peft adapter (adapter_config.json, adapter_model.safetensors)
     ar/               peft adapter + value_head.safetensors
     adapters/         adapters.safetensors + adapters.json (+ fit reports)
     fve_report.json   optional
+    manifest.json     size and sha256 of every other file; written last
 
 safetensors, JSON and YAML only: nothing is written or read with pickle. Writes are atomic (the
-whole folder appears at once); reads check every file before any model is built. JSON reports
-(fit reports under adapters/, fve_report.json) are read with the bundle and written back when it
-is saved again, so re-saving a trained bundle keeps them.
+whole folder appears at once) and end with the manifest; reads check the manifest against every
+file before any model is built, so a bundle cut short, edited or mixed with another's files is
+refused by name. `stages` records which training stages produced the weights (a bundle whose AV
+never trained is not used as if it had). JSON reports (fit reports under adapters/,
+fve_report.json) are read with the bundle and written back when it is saved again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .markers import MarkerSpec
 KIND = "nla_universal"
 SCHEMA_VERSION = 1
 META_FILE = "nla_meta.yaml"
+MANIFEST_FILE = "manifest.json"
 FVE_REPORT_FILE = "fve_report.json"
 REQUIRED_FILES = (
     "av/adapter_config.json",
@@ -91,6 +95,11 @@ class NLAMeta:
     av: AVMeta
     ar: ARMeta
     teacher_id: Optional[str] = None
+    stages: list[dict] = dataclasses.field(default_factory=list)  # [{stage, id}] in training order
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s["stage"] for s in self.stages]
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +111,7 @@ class NLAMeta:
             "av": self.av.to_dict(),
             "ar": self.ar.to_dict(),
             "teacher": {"id": self.teacher_id},
+            "stages": [dict(s) for s in self.stages],
         }
 
     @classmethod
@@ -123,6 +133,7 @@ class NLAMeta:
                 av=AVMeta.from_dict(d["av"]),
                 ar=ARMeta.from_dict(d["ar"]),
                 teacher_id=(d.get("teacher") or {}).get("id"),
+                stages=[{"stage": str(s["stage"]), "id": str(s["id"])} for s in d.get("stages") or []],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{path} lacks or mangles a key ({type(exc).__name__}: {exc})", _RESAVE) from None
@@ -157,11 +168,33 @@ def _check_file(path: Path) -> None:
         raise DataError(f"bundle file {path} is corrupt ({type(exc).__name__}: {str(exc)[:200]})", _RESAVE) from None
 
 
+def check_manifest(folder: Path) -> None:
+    """Every file the bundle was written with is there, unchanged, and nothing else is."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise DataError(
+            f"bundle {folder} has no {MANIFEST_FILE}: it was cut short while being written, or written by an older "
+            "nla-universal",
+            "rerun the stage that wrote it (or copy the bundle folder again, whole)",
+        )
+    try:
+        expected = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is corrupt ({type(exc).__name__})", _RESAVE) from None
+    problems = io.manifest_problems(folder, expected, skip=(MANIFEST_FILE,))
+    if problems:
+        raise DataError(
+            f"bundle {folder} is not the one that was written: {'; '.join(problems[:4])}",
+            "restore those files from where the bundle came from (copy the folder whole), or rerun the stage that wrote it",
+        )
+
+
 def read_meta(folder: str | Path) -> NLAMeta:
-    """The sidecar of a bundle, after checking that every bundle file is present and readable."""
+    """The sidecar of a bundle, after checking the manifest and that every bundle file is readable."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"bundle folder {folder} does not exist", "pass the folder that holds nla_meta.yaml")
+    check_manifest(folder)
     for rel in (META_FILE, *REQUIRED_FILES):
         _check_file(folder / rel)
     return NLAMeta.from_dict(io.read_yaml(folder / META_FILE), folder / META_FILE)
@@ -169,11 +202,13 @@ def read_meta(folder: str | Path) -> NLAMeta:
 
 def check_adapters_match(meta: NLAMeta, adapters) -> None:
     """The adapters hold exactly the sidecar's tags, widths, anchor and d_shared."""
-    fix = "the adapters/ folder belongs to another bundle: copy the bundle folder whole"
+    fix = ("nla_meta.yaml and adapters/ come from different bundles (or one was edited): restore both from the "
+           "bundle's origin, copying the folder whole")
     if adapters.d_shared != meta.d_shared or adapters.anchor != meta.anchor_tag:
         raise DataError(
-            f"adapters map to d_shared={adapters.d_shared} with anchor {adapters.anchor!r}; nla_meta.yaml says "
-            f"d_shared={meta.d_shared}, anchor {meta.anchor_tag!r}",
+            f"the sidecar and the adapters disagree: nla_meta.yaml says d_shared={meta.d_shared}, anchor "
+            f"{meta.anchor_tag!r}; adapters/adapters.safetensors maps to d_shared={adapters.d_shared}, anchor "
+            f"{adapters.anchor!r}",
             fix,
         )
     if set(adapters.tags) != set(meta.tags):
@@ -200,7 +235,7 @@ def read_reports(folder: str | Path, prefix: str = "") -> dict[str, Any]:
     folder = Path(folder)
     found: dict[str, Any] = {}
     for path in sorted([*folder.glob("*.json"), *(folder / "adapters").glob("*.json")]):
-        if path.name == "adapters.json":  # PoolAdapters' own metadata, written by adapters.save
+        if path.name in ("adapters.json", MANIFEST_FILE):  # PoolAdapters' own metadata; the folder's manifest
             continue
         rel = prefix + path.relative_to(folder).as_posix()
         _check_file(path)
@@ -209,8 +244,8 @@ def read_reports(folder: str | Path, prefix: str = "") -> dict[str, Any]:
 
 
 def write_bundle(folder: str | Path, meta: NLAMeta, av, ar, adapters, reports: dict[str, Any] | None = None) -> Path:
-    """Write every part (and each report at its relative path) into a temporary folder that replaces
-    `folder` only when complete."""
+    """Write every part (and each report at its relative path), then the manifest, into a temporary
+    folder that replaces `folder` only when complete."""
     folder = Path(folder)
     with io.atomic_dir(folder) as tmp:
         av.save(tmp / "av")
@@ -219,4 +254,5 @@ def write_bundle(folder: str | Path, meta: NLAMeta, av, ar, adapters, reports: d
         for rel, report in (reports or {}).items():
             io.write_text(tmp / rel, json.dumps(report, indent=2))
         io.write_yaml(tmp / META_FILE, meta.to_dict())
+        io.write_text(tmp / MANIFEST_FILE, json.dumps({"files": io.manifest(tmp, skip=(MANIFEST_FILE,))}, indent=1))
     return folder

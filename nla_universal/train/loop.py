@@ -7,6 +7,7 @@ the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -21,9 +22,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import io
-from ..config import opt
+from ..config import choices, opt
+from ..device import native_bf16
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+class Schedule(enum.StrEnum):
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class Autocast(enum.StrEnum):
+    auto = "auto"  # bf16 when the device computes it natively
+    bf16 = "bf16"
+    off = "off"
 
 
 @dataclass
@@ -33,11 +48,11 @@ class LoopConfig:
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     lr: float = opt(1e-4, "peak learning rate")
     warmup_steps: int = opt(10, "linear warm-up steps")
-    schedule: str = opt("cosine", "after warm-up: constant | cosine | linear")
+    schedule: Schedule = opt(Schedule.cosine, f"after warm-up: {choices(Schedule)}")
     min_lr_ratio: float = opt(0.1, "cosine/linear: final lr as a share of the peak")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     clip_grad: float = opt(1.0, "gradient-norm clip (0 = off)")
-    autocast: str = opt("auto", "bf16 autocast: auto (when the device has native bf16) | bf16 | off")
+    autocast: Autocast = opt(Autocast.auto, "bf16 autocast: auto (when the device has native bf16) | bf16 | off")
     eval_every: int = opt(50, "steps between validation passes (0 = only at the end)")
     checkpoint_every: int = opt(50, "steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
@@ -45,27 +60,18 @@ class LoopConfig:
     tensorboard: bool = opt(False, "also log to TensorBoard (needs the tensorboard package)")
 
 
-def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def autocast_context(mode: str, device: torch.device):
-    on = mode == "bf16" or (mode == "auto" and native_bf16(device))
+def autocast_context(mode: Autocast, device: torch.device):
+    on = mode == Autocast.bf16 or (mode == Autocast.auto and native_bf16(device))
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
+    if cfg.schedule == Schedule.constant:
         return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == Schedule.cosine else 1 - progress
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
 
@@ -115,7 +121,11 @@ def load_checkpoint(path: Path, named: dict[str, torch.nn.Parameter], opt_: torc
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))
     if meta["names"] != list(named):
-        raise RuntimeError(f"checkpoint {path} holds other parameters than this model; delete it to restart")
+        raise DataError(
+            f"checkpoint {path} holds other trainable parameters than this run trains (it was written with other "
+            "settings, e.g. another LoRA rank or train_enc)",
+            f"delete {path.parent} to restart this stage from step 0, or rerun with the settings that wrote it",
+        )
     with torch.no_grad():
         for k, p in named.items():
             p.copy_(tensors[f"param.{k}"])
@@ -135,8 +145,14 @@ def load_checkpoint(path: Path, named: dict[str, torch.nn.Parameter], opt_: torc
 
 
 class MetricsLog:
-    def __init__(self, path: Path, tensorboard: bool):
+    """metrics.jsonl, one line per logged step; on resume, lines after the checkpoint's step are cut, so
+    the steps a killed run repeats are logged once."""
+
+    def __init__(self, path: Path, tensorboard: bool, resume_step: int = 0):
         self.path = path
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+            io.write_text(path, "".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -149,6 +165,13 @@ class MetricsLog:
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut by a kill: dropped
 
 
 def train(
@@ -166,7 +189,6 @@ def train(
     """Run (or resume) to cfg.steps. `loss_fn(indices)` returns the mean loss of that micro-batch."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpts = out_dir / "checkpoints"
-    metrics = MetricsLog(out_dir / "metrics.jsonl", cfg.tensorboard)
     optimiser = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimiser.param_groups]
     torch.manual_seed(cfg.seed)
@@ -175,6 +197,7 @@ def train(
     if latest is not None:
         step = load_checkpoint(latest, named_params, optimiser)
         log.info("%s: resumed from %s", desc, latest)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", cfg.tensorboard, resume_step=step)
     trainable = [p for g in param_groups for p in g["params"]]
     last_eval: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)

@@ -22,7 +22,7 @@ def run_variant(args) -> dict:
 
     from nla_universal.config import CorpusConfig, ModelSpec
     from nla_universal.corpus import build_passages
-    from nla_universal.extract import ExtractConfig, _batches, extract_shard, pool_hidden
+    from nla_universal.extract import _batches, extract_shard, pool_hidden
     from nla_universal.models import content_mask, load_model
 
     torch.manual_seed(0)
@@ -31,20 +31,20 @@ def run_variant(args) -> dict:
     spec = ModelSpec(tag="bench", source=source, name=name, depth=args.depth, dtype=args.dtype, max_length=args.max_length, random_overrides=overrides)
     table = build_passages(CorpusConfig(max_passages=args.passages))
     ids, texts = table.column("passage_id").to_pylist(), table.column("text").to_pylist()
-    cfg = ExtractConfig(batch_size=args.batch_size, batch_tokens=args.batch_tokens)
+    sizes = dict(batch_size=args.batch_size, batch_tokens=args.batch_tokens)
     device = torch.device(args.device)
     lm = load_model(spec, num_blocks="to_layer" if args.variant == "ours" else None)
     lm.model.to(device)
     tok = lm.tokenizer
     n_tokens = sum(min(len(tok(t)["input_ids"]), spec.max_length) for t in texts)
-    extract_shard(lm, ids[:4], texts[:4], cfg, device)  # warm-up
+    extract_shard(lm, ids[:4], texts[:4], **sizes, device=device)  # warm-up
     start = time.perf_counter()
     if args.variant == "ours":
-        _, X, *_ = extract_shard(lm, ids, texts, cfg, device)
+        _, X, *_ = extract_shard(lm, ids, texts, **sizes, device=device)
     else:
         enc = [tok(t, truncation=True, max_length=spec.max_length)["input_ids"] for t in texts]
         rows = {}
-        for batch in _batches([len(e) for e in enc], cfg.batch_size, cfg.batch_tokens):
+        for batch in _batches([len(e) for e in enc], args.batch_size, args.batch_tokens):
             padded = tok.pad({"input_ids": [enc[i] for i in batch]}, return_tensors="pt").to(device)
             with torch.inference_mode():
                 hs = lm.model(**padded, output_hidden_states=True).hidden_states[lm.layer + 1]

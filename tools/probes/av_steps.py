@@ -39,11 +39,10 @@ def add_lead_z(path: Path) -> None:
 
 
 def main() -> None:
-    from nla_universal.config import default_cache_dir, load_pool
-    from nla_universal.stages import FitAdaptersConfig, run_fit_adapters
+    from nla_universal.config import default_cache_dir
+    from nla_universal.pipeline import fit_adapters, sft_ar, sft_av
+    from nla_universal.pipeline.workspace import RunConfig
     from nla_universal.train.loop import LoopConfig
-    from nla_universal.train.sft_av import AVSFTConfig, run_sft_av
-    from nla_universal.train.workspace import BundleInitConfig, RunConfig, open_bundle
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/data-scaling")
@@ -55,14 +54,12 @@ def main() -> None:
     out = Path(args.out)
     build(out, args.cache_dir)
     add_lead_z(out / "passages.parquet")
-    pool = str(out / "pool.yaml")
-    if not (out / "adapters" / "adapters.safetensors").is_file():
-        run_fit_adapters(FitAdaptersConfig(run_dir=str(out), pool=pool))
-    run = RunConfig(run_dir=str(out), pool=pool, device="auto", cache_dir=args.cache_dir)
-    open_bundle(run, load_pool(pool), BundleInitConfig())
+    run = RunConfig(run_dir=str(out), pool=str(out / "pool.yaml"), device="auto", cache_dir=args.cache_dir)
+    fit_adapters.run(fit_adapters.FitAdaptersConfig(run=run))
+    sft_ar.run(sft_ar.ARSFTConfig(run=run, loop=LoopConfig(steps=1)))  # creates the bundle; the AR is not studied here
     # the quickstart's sft-av settings (batch 8, lr 5e-4, 40 generated tokens), for more steps
     loop = LoopConfig(steps=args.steps, batch_size=8, lr=5e-4, eval_every=args.eval_every, checkpoint_every=args.eval_every)
-    run_sft_av(AVSFTConfig(run=run, loop=loop, val_passages=args.val, max_new_tokens=40))
+    sft_av.run(sft_av.AVSFTConfig(run=run, loop=loop, val_passages=args.val, max_new_tokens=40))
     for line in (out / "sft-av" / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "val_vector_gain" in row:

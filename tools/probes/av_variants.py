@@ -36,14 +36,14 @@ def pc1_labels(V: torch.Tensor, axis: torch.Tensor, cut: float) -> list[str]:
 
 
 def main() -> None:
-    from nla_universal.adapters import PoolAdapters
-    from nla_universal.config import default_cache_dir, load_pool
+    from nla_universal.config import default_cache_dir
     from nla_universal.metrics import derangement, distinct_share
     from nla_universal.models import load_model
     from nla_universal.nla.av import AV, AVConfig
     from nla_universal.rollout import SamplingParams
-    from nla_universal.train.data import passages_with_z, tag_rows
-    from nla_universal.train.loop import LoopConfig, autocast_context, named_trainable, train
+    from nla_universal.nla import path
+    from nla_universal.pipeline.workspace import RunConfig, Workspace
+    from nla_universal.train.loop import Autocast, LoopConfig, autocast_context, named_trainable, train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/quickstart")
@@ -59,12 +59,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     run = Path(args.run)
-    pool = load_pool(str(run / "pool.yaml"))
+    ws = Workspace(RunConfig(run_dir=str(run), pool=str(run / "pool.yaml")))
+    pool = ws.pool
     tag = pool.anchor
-    table = passages_with_z(run)
-    rows = {s: tag_rows(run, table, tag, s, need_z=True, limit=args.val if s == "val" else None) for s in ("train", "val")}
-    adapters = PoolAdapters.load(run / "adapters")
-    V = {s: adapters.encode(tag, torch.from_numpy(r.H)).detach() for s, r in rows.items()}
+    table = ws.passages(need_z=True)
+    rows = {s: ws.rows(table, tag, s, need_z=True, limit=args.val if s == "val" else None) for s in ("train", "val")}
+    adapters = ws.adapters()
+    V = {s: path.encode(adapters, tag, r.H) for s, r in rows.items()}
     if args.target == "z":
         z = {s: r.z for s, r in rows.items()}
     elif args.target == "lead":
@@ -101,7 +102,7 @@ def main() -> None:
 
     def val_loss(v: torch.Tensor) -> float:
         total = 0.0
-        with torch.no_grad(), autocast_context("auto", device):
+        with torch.no_grad(), autocast_context(Autocast.auto, device):
             for k in range(0, len(v), 8):
                 texts = z["val"][k:k + 8]
                 total += float(av.sft_loss(av.build_sft_batch(vectors(v[k:k + 8]), [tag] * len(texts), texts))) * len(texts)

@@ -33,13 +33,14 @@ SPEC = dict(tag="smollm2-135m", source="packaged", name="smollm2-135m-instruct",
 def build(out: Path, cache_dir: str) -> None:
     from nla_universal import io
     from nla_universal.config import CorpusConfig, ModelSpec
-    from nla_universal.extract import ExtractConfig, extract
-    from nla_universal.stages import CorpusStageConfig, run_corpus
+    from nla_universal.pipeline import corpus, extract
+    from nla_universal.pipeline.workspace import RunConfig
 
+    run = RunConfig(run_dir=str(out), pool=str(out / "pool.yaml"), device="cpu", cache_dir=cache_dir)
     if not (out / "passages.parquet").is_file():
-        run_corpus(CorpusStageConfig(run_dir=str(out), corpus=CorpusConfig(max_passages=100_000)))
+        corpus.run(corpus.CorpusStageConfig(run=run, corpus=CorpusConfig(max_passages=100_000)))
     io.write_yaml(out / "pool.yaml", {"anchor": SPEC["tag"], "models": [ModelSpec(**SPEC).__dict__]})
-    extract(ExtractConfig(run_dir=str(out), pool=str(out / "pool.yaml"), device="cpu", cache_dir=cache_dir))
+    extract.run(extract.ExtractConfig(run=run))
 
 
 def lead_sentence(text: str) -> str:

@@ -1,7 +1,7 @@
 """The AV's own explanations of stored activations, cached per tag and resumable.
 
 Generation is the slowest step on a CPU, and both the dec_M refit and the evaluation need it, so
-each (AV weights, enc_M, sampling) fingerprint keeps its explanations in
+each (AV weights, the tag's encoder, sampling) fingerprint keeps its explanations in
 `run_dir/explanations/<tag>.jsonl`, appended batch by batch: a killed run loses one batch at most.
 """
 
@@ -9,27 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm.auto import tqdm
 
-from .nla.api import UniversalNLA
-from .nla.injection import rescale
-from .rollout import SamplingParams
+from ..nla.api import UniversalNLA
+from ..rollout import SamplingParams
 
 
 def av_fingerprint(nla: UniversalNLA, tag: str, sampling: SamplingParams) -> str:
-    """Changes whenever the AV's LoRA, enc_M of `tag`, the prompt, the scale or the sampling change."""
+    """Changes whenever the AV's LoRA, the tag's encoder, the prompt, the scale or the sampling change."""
     h = hashlib.sha256()
     for name, p in sorted(nla.av.model.named_parameters()):
         if "lora_" in name:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
-    for p in nla.adapters.encoders[tag].parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
+    h.update(nla.adapters.state_bytes(tag))
     h.update(json.dumps([nla.av.template, nla.av.injection_scale, asdict(sampling)], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -48,10 +45,9 @@ def _read(path: Path, key: str) -> dict[str, dict]:
     return done
 
 
-def explain_rows(nla: UniversalNLA, run_dir: Path, tag: str, ids: list[str], H: torch.Tensor | "object",
+def explain_rows(nla: UniversalNLA, run_dir: Path, tag: str, ids: list[str], H: np.ndarray,
                  sampling: SamplingParams, batch_size: int = 8) -> tuple[list[str], list[bool]]:
     """Explanations (and parse flags) of rows n(h_M) of `tag`, in `ids` order, from cache or the AV."""
-    H = torch.as_tensor(H).float()
     key = av_fingerprint(nla, tag, sampling)
     path = run_dir / "explanations" / f"{tag}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,9 +57,7 @@ def explain_rows(nla: UniversalNLA, run_dir: Path, tag: str, ids: list[str], H: 
         with open(path, "a") as f, tqdm(total=len(todo), desc=f"explain {tag}", unit="passage", dynamic_ncols=True) as bar:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
-                with torch.no_grad():
-                    v = nla.adapters.encode(tag, rescale(H[chunk], math.sqrt(H.shape[1])))
-                for i, e in zip(chunk, nla.av.explain(v, [tag] * len(chunk), sampling)):
+                for i, e in zip(chunk, nla.explain(H[chunk], tag, sampling)):
                     row = {"key": key, "passage_id": ids[i], "z": e.text, "parsed": e.parsed}
                     done[ids[i]] = row
                     f.write(json.dumps(row) + "\n")
