@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
 
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from .config import ModelSpec, opt
 from .corpus import SPLITS, read_passages, write_passages
 from .errors import ConfigError, DataError, NLAError
+from .http import Budget, BudgetSpent, endpoint_id, redact_url
 from .teacher_http import ChatClient, ChatReply, EndpointDown, complete_all
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,10 @@ class TeacherConfig:
         "hf: a packaged model name (smollm2-135m-instruct) or a local HF folder / hub id",
     )
     base_url: str = opt("https://openrouter.ai/api/v1", "openai: endpoint base URL (vLLM/SGLang: http://HOST:PORT/v1)")
-    api_key_env: str = opt(
+    api_key_env: Optional[str] = opt(
         "OPENROUTER_API_KEY",
         "openai: NAME of the environment variable holding the API key (the key itself never goes in a "
-        "config, file or log); empty = send no key (local servers without auth)",
+        "config, file or log); null or empty = send no key (local servers without auth)",
     )
     prompt: str = opt(DEFAULT_PROMPT, "instruction sent to the teacher; {text} is replaced by the passage. Part of the "
                       "teacher's id: z asked for with another prompt count as another teacher's")
@@ -76,10 +76,12 @@ class TeacherConfig:
     temperature: float = opt(0.3, "sampling temperature; 0 = greedy")
     seed: int = opt(0, "hf: seed of the sampling RNG (temperature > 0)")
     concurrency: int = opt(8, "openai: requests in flight at once")
-    timeout_s: float = opt(60.0, "openai: per-request timeout in seconds")
+    timeout_s: float = opt(60.0, "openai: total deadline per request in seconds: connect + whole reply")
     max_retries: int = opt(4, "openai: retries after a 429/5xx/timeout/connection error/malformed reply")
     backoff_s: float = opt(1.0, "openai: first retry delay; doubles each retry (a larger Retry-After wins)")
     max_consecutive_failures: int = opt(32, "openai: stop the run when this many requests fail in a row")
+    budget_s: float = opt(0.0, "openai: total seconds the stage may spend waiting on the endpoint, retries "
+                          "included; 0 = no limit")
     batch_size: int = opt(32, "hf: passages generated together (32 runs ~1.3x the throughput of 8 on a 2-core CPU)")
     min_chars: int = opt(20, "explanations shorter than this are invalid (dropped and counted)")
     max_chars: int = opt(500, "explanations longer than this are invalid (dropped and counted)")
@@ -108,10 +110,11 @@ class TeachReport:
 
 
 def teacher_id(cfg: TeacherConfig) -> str:
-    """Names ONE teacher: the backend, the model, (openai) the host serving it and, unless it is the
-    default, a hash of the prompt. Explanations asked for with another prompt are another teacher's,
-    so editing the prompt never keeps the old prompt's z."""
-    who = f"{cfg.model}@{urlparse(cfg.base_url).hostname or cfg.base_url}" if cfg.backend == "openai" else cfg.model
+    """Names ONE teacher: the backend, the model, (openai) the endpoint serving it — scheme, host, port
+    and path, so another server on the same host is another teacher — and, unless it is the default, a
+    hash of the prompt. Explanations asked for with another prompt are another teacher's, so editing
+    the prompt never keeps the old prompt's z."""
+    who = f"{cfg.model}@{endpoint_id(cfg.base_url)}" if cfg.backend == "openai" else cfg.model
     asked = "" if cfg.prompt == DEFAULT_PROMPT else f"+prompt-{hashlib.sha256(cfg.prompt.encode()).hexdigest()[:8]}"
     return f"{cfg.backend}:{who}{asked}"
 
@@ -197,9 +200,9 @@ def _api_key(cfg: TeacherConfig) -> Optional[str]:
     key = os.environ.get(cfg.api_key_env, "")
     if not key:
         raise NLAError(
-            f"the teacher endpoint {cfg.base_url} needs an API key in the environment variable "
+            f"the teacher endpoint {redact_url(cfg.base_url)} needs an API key in the environment variable "
             f"{cfg.api_key_env}, which is not set",
-            f"export {cfg.api_key_env}=<your key> (or set teacher.api_key_env='' for a server without auth)",
+            f"export {cfg.api_key_env}=<your key> (or pass teacher.api_key_env=null for a server without auth)",
         )
     return key
 
@@ -296,6 +299,7 @@ def _ask_openai(cfg: TeacherConfig, api_key: Optional[str], jobs: list[tuple[str
     client = ChatClient(
         cfg.base_url, cfg.model, api_key, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
         timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+        budget=Budget(cfg.budget_s, "teacher.budget_s"),
     )
     failures: dict[str, str] = {}
 
@@ -312,9 +316,15 @@ def _ask_openai(cfg: TeacherConfig, api_key: Optional[str], jobs: list[tuple[str
                      max_consecutive_failures=cfg.max_consecutive_failures)
     except EndpointDown as exc:
         raise NLAError(
-            f"the teacher endpoint {cfg.base_url} (model {cfg.model!r}) is not answering: {exc.reason}; "
+            f"the teacher endpoint {redact_url(cfg.base_url)} (model {cfg.model!r}) is not answering: {exc.reason}; "
             f"passages.parquet was left unchanged and {len(cache.replies)} finished replies are cached in {cache.path}",
             "check base_url, model and the API key, then rerun: cached replies are not asked again",
+        ) from None
+    except BudgetSpent as exc:
+        raise NLAError(
+            f"{exc.problem}; passages.parquet was left unchanged and {len(cache.replies)} finished replies are "
+            f"cached in {cache.path}",
+            f"{exc.fix}, then rerun: cached replies are not asked again",
         ) from None
     return failures
 

@@ -1,16 +1,21 @@
 """A small local OpenAI-compatible chat-completions server for tests.
 
-`ChatServer(responder)` listens on 127.0.0.1 (a free port) and answers POST /v1/chat/completions by
+`ChatServer(responder)` listens on 127.0.0.1 (a free port, or `port` to stand in for an earlier
+server: the teacher's identity includes the port) and answers POST /v1/chat/completions by
 calling `responder(user_message, n)` (n = 0-based request count) for a `Reply`. The builders below
 give the behaviours the teacher client must survive: canned text, 500s, timeouts, malformed JSON,
 429 with Retry-After. Every request is counted and its Authorization header recorded in memory
 (to check a key is sent) — nothing is written to disk. The server stops on leaving the `with`
 block, or by itself after `lifetime_s`.
+
+`RawServer(script)` speaks raw TCP for the HTTP client's deadline tests: bodies and headers dripped
+one byte a second, a server that never answers, one that never accepts, and an echo of the request.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -92,7 +97,7 @@ def rate_limited(k: int, retry_after_s: float, then: Responder) -> Responder:
 
 
 class ChatServer:
-    def __init__(self, responder: Responder, lifetime_s: float = 120.0):
+    def __init__(self, responder: Responder, lifetime_s: float = 120.0, port: int = 0):
         self.responder = responder
         self.lifetime_s = lifetime_s
         self.requests = 0
@@ -100,14 +105,18 @@ class ChatServer:
         self.authorizations: list[Optional[str]] = []
         self.times: list[float] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._timer = threading.Timer(lifetime_s, self._server.shutdown)
         self._timer.daemon = True
 
     @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -157,3 +166,109 @@ class ChatServer:
         self._timer.cancel()
         self._server.shutdown()
         self._server.server_close()
+
+
+Script = Callable[[socket.socket, threading.Event], None]
+
+
+class RawServer:
+    """A loopback TCP server handing each connection to `script(conn, stop)` on its own thread, for
+    replies an HTTP server library would not send: a body or headers dripped a byte at a time,
+    silence. `accept=False` never accepts, and fills the listen queue so that connecting hangs."""
+
+    def __init__(self, script: Optional[Script] = None, accept: bool = True):
+        self.script = script
+        self.stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0), backlog=0 if not accept else 16)
+        self.port = self._sock.getsockname()[1]
+        self._filler: list[socket.socket] = []
+        if not accept:  # Linux queues one connection for backlog 0, then drops the handshakes
+            self._filler.append(socket.create_connection(self._sock.getsockname(), timeout=1))
+        else:
+            threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed by __exit__
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self.script(conn, self.stop)
+        except OSError:  # the client hung up: what the deadline tests expect
+            pass
+
+    def __enter__(self) -> "RawServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self._sock.close()
+        for s in self._filler:
+            s.close()
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """The request's head and body (by its Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def drip(head: bytes, piece: bytes, interval_s: float = 1.0) -> Script:
+    """Send `head` after the request, then `piece` every `interval_s`, forever."""
+
+    def script(conn: socket.socket, stop: threading.Event) -> None:
+        read_request(conn)
+        conn.sendall(head)
+        while not stop.wait(interval_s):
+            conn.sendall(piece)
+
+    return script
+
+
+def drip_body(chunked: bool = False, interval_s: float = 1.0) -> Script:
+    """A 200 whose body comes one byte per interval and never ends (Content-Length or chunked)."""
+    if chunked:
+        return drip(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\nx\r\n", interval_s)
+    return drip(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x", interval_s)
+
+
+def drip_headers(interval_s: float = 1.0) -> Script:
+    """A status line, then one header byte per interval: the headers never end."""
+    return drip(b"HTTP/1.1 200 OK\r\n", b"X", interval_s)
+
+
+def silent(conn: socket.socket, stop: threading.Event) -> None:
+    """Read the request, answer nothing, wait for the client to hang up."""
+    read_request(conn)
+    while not stop.is_set() and conn.recv(1024):
+        pass
+
+
+def echo(status: int = 200) -> Script:
+    """Answer `status` with a JSON body holding the request's head (request line, headers) and body."""
+
+    def script(conn: socket.socket, stop: threading.Event) -> None:
+        head, _, body = read_request(conn).partition(b"\r\n\r\n")
+        reply = json.dumps({"head": head.decode("latin-1"), "body": body.decode("latin-1")}).encode()
+        conn.sendall(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, len(reply), reply))
+
+    return script
+

@@ -1,15 +1,31 @@
 import json
 import logging
+import re
+import shlex
 import threading
-from dataclasses import replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from chat_server import ChatServer, Reply, always, canned, echo_summary, fail_after, fail_first, malformed, rate_limited, slow
-from nla_universal.config import CorpusConfig, ModelSpec
+from chat_server import (
+    ChatServer,
+    RawServer,
+    Reply,
+    always,
+    canned,
+    drip_body,
+    echo_summary,
+    fail_after,
+    fail_first,
+    malformed,
+    rate_limited,
+    slow,
+)
+from nla_universal.config import CorpusConfig, ModelSpec, load_config
 from nla_universal.corpus import build_passages, write_passages
 from nla_universal.errors import ConfigError, DataError, NLAError
 from nla_universal.teacher import (
@@ -21,10 +37,17 @@ from nla_universal.teacher import (
     teacher_id,
     validate_explanation,
 )
+from nla_universal.teacher_http import ChatClient
 
 KEY = "sk-test-0123456789-never-store-me"
-TID = "openai:test/teacher@127.0.0.1"
 TOPICS = ["rivers", "volcanoes", "compilers", "violins", "glaciers", "satellites", "bakeries", "chess", "tides", "orchids"]
+
+
+@dataclass
+class TeachStage:
+    """The shape of the teach stage's config: the teacher's options under `teacher.`."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
 def passages_file(folder: Path, n: int = 10, splits: list[str] | None = None) -> Path:
@@ -42,6 +65,10 @@ def openai_cfg(server: ChatServer, **kw) -> TeacherConfig:
     base = dict(backend="openai", model="test/teacher", base_url=server.base_url, api_key_env="NLA_TEST_KEY",
                 backoff_s=0.01, timeout_s=5, concurrency=4, max_retries=2)
     return TeacherConfig(**{**base, **kw})
+
+
+def tid(server: ChatServer, model: str = "test/teacher") -> str:
+    return f"openai:{model}@{server.base_url}"  # the loopback URL is already in normal form
 
 
 def table(path: Path) -> pa.Table:
@@ -80,10 +107,17 @@ def test_validate_explanation_keeps_only_complete_sentences_of_a_truncated_reply
     assert validate_explanation("Violins are built from spruce and maple by", truncated=False) is not None
 
 
-def test_teacher_id_names_backend_model_and_host():
-    assert teacher_id(TeacherConfig(backend="openai", model="qwen/qwen3-8b")) == "openai:qwen/qwen3-8b@openrouter.ai"
+def test_teacher_id_names_backend_model_and_endpoint():
+    default = "openai:qwen/qwen3-8b@https://openrouter.ai:443/api/v1"
+    assert teacher_id(TeacherConfig(backend="openai", model="qwen/qwen3-8b")) == default
+    spelled = TeacherConfig(backend="openai", model="qwen/qwen3-8b", base_url="HTTPS://OpenRouter.ai:443/api/v1/")
+    assert teacher_id(spelled) == default  # one endpoint, however it is written
     local = TeacherConfig(backend="openai", model="m", base_url="http://127.0.0.1:8123/v1")
-    assert teacher_id(local) == "openai:m@127.0.0.1"
+    assert teacher_id(local) == "openai:m@http://127.0.0.1:8123/v1"
+    others = ["http://127.0.0.1:8124/v1", "https://127.0.0.1:8123/v1", "http://127.0.0.1:8123/v2", "http://127.0.0.2:8123/v1"]
+    assert len({teacher_id(replace(local, base_url=u)) for u in others} | {teacher_id(local)}) == 5
+    keyed = replace(local, base_url=f"http://user:{KEY}@127.0.0.1:8123/v1?key={KEY}")
+    assert teacher_id(keyed) == teacher_id(local)  # a key in the URL is neither identity nor stored
     assert teacher_id(TeacherConfig()) == "hf:smollm2-135m-instruct"
     asked = teacher_id(TeacherConfig(prompt="Name the topic of {text}"))
     assert asked.startswith("hf:smollm2-135m-instruct+prompt-") and asked != teacher_id(TeacherConfig(prompt="Topic? {text}"))
@@ -111,17 +145,16 @@ def test_openai_teacher_fills_z_for_configured_splits_and_sends_the_key(tmp_path
     with ChatServer(canned()) as server:
         report = teach(path, openai_cfg(server, splits=["train", "val"]), cache_dir=tmp_path / "cache")
     out = table(path)
-    tid = TID
     for text, split, z, teacher in zip(*(out.column(c).to_pylist() for c in ("text", "split", "z", "teacher"))):
         if split == "test":
             assert z is None and teacher is None
         else:
-            assert z == echo_summary(f"Passage:\n{text}") and teacher == tid
+            assert z == echo_summary(f"Passage:\n{text}") and teacher == tid(server)
     assert report.valid == report.requested == server.requests == 8 and report.eligible == 8
     assert set(server.authorizations) == {f"Bearer {KEY}"}
-    assert check_single_teacher(out) == tid
+    assert check_single_teacher(out) == tid(server)
     assert out.column("passage_id").to_pylist() == [f"p{i:03d}" for i in range(10)]
-    with ChatServer(canned()) as server:
+    with ChatServer(canned(), port=server.port) as server:
         narrower = teach(path, openai_cfg(server, splits=["train"]), cache_dir=tmp_path / "cache")
     assert server.requests == 0 and narrower.kept == narrower.valid == 6
     assert [s for s, z in zip(splits, table(path).column("z").to_pylist()) if z is not None] == ["train"] * 6
@@ -240,23 +273,24 @@ def test_an_interrupted_run_resumes_from_the_cache_and_matches_an_uninterrupted_
     path = passages_file(tmp_path / "resumed")
     cache = tmp_path / "resumed" / "cache"
     with ChatServer(fail_after(4, canned())) as server:
+        port = server.port
         with pytest.raises(NLAError, match="in a row"):
             teach(path, openai_cfg(server, concurrency=1, max_retries=0, max_consecutive_failures=2), cache_dir=cache)
     assert "z" not in table(path).column_names
-    cache_file = ReplyCache(cache, TID).path
+    cache_file = ReplyCache(cache, tid(server)).path
     assert len(cache_file.read_text().splitlines()) == 4
     with open(cache_file, "a") as f:  # a crash in the middle of an append
         f.write('{"key": "abc", "reply": "half a li')
 
-    with ChatServer(canned()) as server:
+    with ChatServer(canned(), port=port) as server:
         report = teach(path, openai_cfg(server), cache_dir=cache)
     assert server.requests == 10 - 4 and report.from_cache == 4 and report.requested == 6
 
     fresh = passages_file(tmp_path / "fresh")
-    with ChatServer(canned()) as server:
+    with ChatServer(canned(), port=port) as server:
         teach(fresh, openai_cfg(server), cache_dir=tmp_path / "fresh" / "cache")
     assert table(path).equals(table(fresh))
-    assert len(ReplyCache(cache, TID).replies) == 10  # the repaired cache reads back whole
+    assert len(ReplyCache(cache, tid(server)).replies) == 10  # the repaired cache reads back whole
 
 
 def test_rerun_with_the_same_teacher_asks_only_for_missing_z(tmp_path):
@@ -266,7 +300,7 @@ def test_rerun_with_the_same_teacher_asks_only_for_missing_z(tmp_path):
     with ChatServer(flaky) as server:
         first = teach(path, openai_cfg(server, max_retries=0), cache_dir=tmp_path / "cache")
     assert first.failed == 1 and first.valid == 9
-    with ChatServer(canned()) as server:
+    with ChatServer(canned(), port=server.port) as server:
         second = teach(path, openai_cfg(server), cache_dir=tmp_path / "cache")
     assert server.requests == 1 and second.kept == 9 and second.valid == 10
     assert "glaciers" in server.messages[0]
@@ -280,10 +314,85 @@ def test_another_teachers_z_is_refused_unless_replace(tmp_path):
         with pytest.raises(NLAError) as err:
             teach(path, openai_cfg(server, model="teacher-b"), cache_dir=tmp_path / "cache")
         assert "mixing teachers" in str(err.value) and "replace" in str(err.value)
-        assert "openai:teacher-a@127.0.0.1" in str(err.value) and path.read_bytes() == before
+        assert tid(server, "teacher-a") in str(err.value) and path.read_bytes() == before
         report = teach(path, openai_cfg(server, model="teacher-b", replace=True), cache_dir=tmp_path / "cache")
     assert report.valid == 10 and report.kept == 0
-    assert set(table(path).column("teacher").to_pylist()) == {"openai:teacher-b@127.0.0.1"}
+    assert set(table(path).column("teacher").to_pylist()) == {tid(server, "teacher-b")}
+
+
+def test_two_servers_on_one_host_differing_only_in_port_are_two_teachers(tmp_path):
+    path = passages_file(tmp_path)
+    with ChatServer(canned()) as first, ChatServer(canned()) as second:
+        assert first.base_url.replace(str(first.port), str(second.port)) == second.base_url
+        assert teacher_id(openai_cfg(first)) != teacher_id(openai_cfg(second))
+        teach(path, openai_cfg(first), cache_dir=tmp_path / "cache")
+        before = path.read_bytes()
+        with pytest.raises(NLAError, match="mixing teachers") as err:
+            teach(path, openai_cfg(second), cache_dir=tmp_path / "cache")
+        assert tid(first) in str(err.value) and tid(second) in str(err.value) and path.read_bytes() == before
+        report = teach(path, openai_cfg(second, replace=True), cache_dir=tmp_path / "cache")
+    assert second.requests == 10 and report.from_cache == 0  # the first server's cached replies are not reused
+    assert set(table(path).column("teacher").to_pylist()) == {tid(second)}
+
+
+@pytest.mark.timeout(30)
+def test_timeout_s_is_a_total_deadline_even_for_a_reply_that_drips(tmp_path):
+    path = passages_file(tmp_path, n=2)
+    with RawServer(drip_body(interval_s=0.3)) as server:
+        started = time.monotonic()
+        with pytest.raises(NLAError, match="timeout") as err:
+            teach(path, openai_cfg(server, timeout_s=1, max_retries=0), cache_dir=tmp_path / "cache")
+    assert time.monotonic() - started < 3 and "body" in str(err.value) and server.base_url in str(err.value)
+
+
+@pytest.mark.timeout(30)
+def test_budget_s_stops_the_stage_and_names_the_budget(tmp_path):
+    path = passages_file(tmp_path)
+    before = path.read_bytes()
+    with ChatServer(always(503)) as server:
+        started = time.monotonic()
+        with pytest.raises(NLAError) as err:
+            teach(path, openai_cfg(server, budget_s=2, max_retries=50, backoff_s=0.2), cache_dir=tmp_path / "cache")
+    assert time.monotonic() - started < 2.5 and server.requests >= 2
+    assert "teacher.budget_s=2s" in str(err.value) and "HTTP 503" in str(err.value)
+    assert "raise teacher.budget_s" in err.value.fix and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["userinfo", "query"])
+def test_a_key_in_the_url_is_never_printed_or_logged(tmp_path, caplog, capsys, monkeypatch, where):
+    caplog.set_level(logging.DEBUG)
+    with ChatServer(canned()) as server:
+        port = server.port  # closed once the block ends: the endpoint is down
+    url = f"http://user:{KEY}@127.0.0.1:{port}/v1" if where == "userinfo" else f"http://127.0.0.1:{port}/v1?key={KEY}"
+    cfg = TeacherConfig(backend="openai", model="m", base_url=url, api_key_env=None, max_retries=1, backoff_s=0.01)
+    errors = []
+    for attempt in (cfg, replace(cfg, api_key_env="NLA_UNSET_KEY")):  # down, then the missing-key message
+        with pytest.raises(NLAError) as err:
+            teach(passages_file(tmp_path, n=2), attempt, cache_dir=tmp_path / "cache")
+        errors.append(err.value)
+    assert "connection error" in str(errors[0]) and f"127.0.0.1:{port}" in str(errors[0])
+    assert "NLA_UNSET_KEY" in str(errors[1])
+    captured = capsys.readouterr()
+    assert "retry 1/1" in caplog.text and "teach openai:m@" in captured.err  # the log and progress bar were written
+    for text in [*map(str, errors), *map(repr, errors), caplog.text, captured.out, captured.err, teacher_id(cfg)]:
+        assert KEY not in text
+    assert KEY not in repr(ChatClient(url, "m", None, max_tokens=8, temperature=0, timeout_s=1, max_retries=0, backoff_s=0))
+
+
+def test_the_missing_key_fix_as_typed_in_bash_means_no_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("NLA_TEST_KEY")
+    path = passages_file(tmp_path, n=3)
+    with ChatServer(canned()) as server:
+        with pytest.raises(NLAError) as err:
+            teach(path, openai_cfg(server), cache_dir=tmp_path / "cache")
+        typed = re.search(r"teacher\.api_key_env=\S+", err.value.fix).group(0)
+        argv = shlex.split(f"nla-universal teach {typed}")  # bash's quote removal
+        cfg = load_config(TeachStage, overrides=argv[2:]).teacher
+        assert not cfg.api_key_env
+        # the old advice, teacher.api_key_env='' typed in bash, arrives as `teacher.api_key_env=`: also no key
+        assert not load_config(TeachStage, overrides=shlex.split("teacher.api_key_env=''")).teacher.api_key_env
+        report = teach(path, replace(openai_cfg(server), api_key_env=cfg.api_key_env), cache_dir=tmp_path / "cache")
+    assert report.valid == 3 and server.authorizations == [None] * 3
 
 
 def test_check_single_teacher_rejects_mixed_unnamed_or_missing_explanations():
@@ -348,4 +457,4 @@ def test_openai_backend_against_a_server_running_the_real_smollm2(tmp_path, real
     assert server.requests == 4 and report.valid == len(zs) >= 3 and len(set(zs)) >= 3
     for text, message in zip(sorted(out.column("text").to_pylist()), sorted(server.messages)):
         assert text[:100] in message  # the teacher saw the passage itself
-    assert check_single_teacher(out) == "openai:smollm2-135m-instruct@127.0.0.1"
+    assert check_single_teacher(out) == tid(server, "smollm2-135m-instruct")
