@@ -111,15 +111,20 @@ class PoolAdapters(torch.nn.Module):
         """dec_M on shared-space rows already rescaled to √d_shared."""
         return self._map(self.decoders, tag, v, self.d_shared)
 
+    def decoder_has_bias(self, tag: str) -> bool:
+        """dec_M is affine (it puts the model's mean back in a centred shared space): a refit must fit an intercept."""
+        return self.decoders[tag].bias is not None
+
     def set_decoder(self, tag: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Replace dec_M's weight (a refit), and its bias when one is given."""
+        """Replace dec_M (a refit) by a map of the same shape and kind (affine or linear)."""
         old = self.decoders[tag]
-        if tuple(weight.shape) != tuple(old.weight.shape):
-            raise DataError(f"{tag}: refitted decoder {tuple(weight.shape)} does not replace {tuple(old.weight.shape)}",
-                            "refit on rows of the bundle's own widths")
+        if tuple(weight.shape) != tuple(old.weight.shape) or (bias is None) != (old.bias is None):
+            raise DataError(f"{tag}: refitted decoder {tuple(weight.shape)} (intercept {bias is not None}) does not "
+                            f"replace {tuple(old.weight.shape)} (intercept {old.bias is not None})",
+                            "refit with an intercept exactly when the bundle's decoder has one")
         with torch.no_grad():
             old.weight.copy_(weight.float())
-            if bias is not None and old.bias is not None:
+            if bias is not None:
                 old.bias.copy_(bias.float())
 
     def encoder_parameters(self, tags: list[str]) -> dict[str, torch.nn.Parameter]:

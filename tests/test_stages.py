@@ -169,6 +169,22 @@ def test_a_second_teacher_is_refused(prepared, tmp_path):
         run_sft_av(AVSFTConfig(run=run_cfg(run), loop=LoopConfig(steps=2, **FAST)))
 
 
+def assert_installed_decoder_scores_as_reported(run: Path, tag: str, reported: float) -> None:
+    """The decoder the bundle now holds gives the val score refit-dec reported for it (the AV's cached
+    explanations, read back by the AR): a refit installed differently from how it was scored fails here."""
+    from nla_universal.metrics import fve_centred, normalised_mean
+    from nla_universal.nla import UniversalNLA
+    from nla_universal.pipeline.workspace import Workspace
+
+    ws = Workspace(run_cfg(run))
+    table = ws.passages()
+    val, train = ws.rows(table, tag, "val", need_z=False, limit=6), ws.rows(table, tag, "train", need_z=False, limit=24)
+    cached = {r["passage_id"]: r["z"] for r in map(json.loads, (run / "explanations" / f"{tag}.jsonl").read_text().splitlines())}
+    nla = UniversalNLA.load(run / "bundle")
+    pred = nla.decode(nla.shared_from_text([cached[p] for p in val.ids]), tag).double().numpy()
+    assert fve_centred(val.H, pred, normalised_mean(train.H)) == pytest.approx(reported, abs=2e-3)  # float32 decoder vs float64 fit
+
+
 def test_refit_add_model_and_eval(prepared, tmp_path):
     run = copy_run(prepared, tmp_path / "run")
     ar_sft(run, steps=4)
@@ -177,6 +193,7 @@ def test_refit_add_model_and_eval(prepared, tmp_path):
     refit.fit.min_overlap = 8
     record = run_refit_dec(refit)
     assert set(record["val"]["tiny-gpt2"]) == {"av", "teacher"}
+    assert_installed_decoder_scores_as_reported(run, "tiny-gpt2", record["val"]["tiny-gpt2"]["av"]["fve_centred"])
     trunk = {p: p.read_bytes() for part in ("av", "ar") for p in (run / "bundle" / part).iterdir()}
     add = AddModelConfig(run=run_cfg(run), model=ModelSpec(tag="tiny-qwen3", source="random", name="qwen3", layer=1),
                          train_passages=24, val_passages=6, max_new_tokens=8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,10 +66,13 @@ def refit_tag(nla: UniversalNLA, ws: Workspace, table, tag: str, cfg: RefitConfi
     if all(train.z):
         inputs["teacher"] = nla.shared_from_text([str(z) for z in train.z]).double().numpy()
     mu = normalised_mean(train.H)
+    # In a centred shared space dec_M is affine: without an intercept, W alone would have to produce the
+    # model's mean, and the old bias would then add it a second time.
+    fit_cfg = replace(cfg.fit, bias=nla.adapters.decoder_has_bias(tag))
     report: dict = {"tag": tag, "source": str(cfg.source), "N_train": len(train), "N_val": len(val), "fits": {}}
     chosen = None
     for source, V in inputs.items():
-        fit, fit_report = fit_decoder(V, train.H, tag=tag, cfg=cfg.fit, V_val=V_val, h_val=val.H, kind=f"decoder_from_{source}")
+        fit, fit_report = fit_decoder(V, train.H, tag=tag, cfg=fit_cfg, V_val=V_val, h_val=val.H, kind=f"decoder_from_{source}")
         pred = normalize_rows(fit.predict(V_val))
         fit_report["val_through_av"] = {"fve_centred": fve_centred(val.H, pred, mu), "fve_meannorm": fve_meannorm(val.H, pred)}
         report["fits"][source] = fit_report
