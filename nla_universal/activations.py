@@ -35,6 +35,19 @@ class Activations:
         return int(self.X.shape[1])
 
 
+@dataclass
+class TagRows:
+    """One tag's rows of a split, aligned: passage ids, n(h) at √d_M, and the teacher's z (or None)."""
+
+    tag: str
+    ids: list[str]
+    H: np.ndarray  # [N, d_M] float32, rows at √d_M
+    z: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def tag_dir(root: str | Path, tag: str) -> Path:
     return Path(root) / tag
 

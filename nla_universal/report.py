@@ -15,13 +15,16 @@ from typing import Mapping
 from . import io
 from .errors import DataError
 
-CONTROLS = ("mean_predictor", "shuffled_z", "teacher_z", "linear_ceiling")
+CONTROLS = ("mean_predictor", "shuffled_z", "teacher_z", "map_alone", "linear_ceiling")
 NOTES = (
     "All scores on the test split (held-out text), rows rescaled to norm √d. fve_centred = "
     "1 − Σ‖g − p‖² / Σ‖g − μ‖² with μ the train rows' mean (the headline); fve_meannorm is the seed's "
     "number (≈ 2·cos − 1). Control columns give the control's fve_centred (fve_meannorm in brackets). "
     "mean_predictor always predicts μ; rescaled like every prediction, it scores −(√d − ‖μ‖)/(√d + ‖μ‖) "
-    "≤ 0 on fve_centred, not 0. Δ is prediction − control on fve_centred, paired bootstrap 95% interval."
+    "≤ 0 on fve_centred, not 0. Δ is prediction − control on fve_centred, paired bootstrap 95% interval. "
+    "map_alone: the AV's input map read without the AV (the nearest explanation words to the mapped row, "
+    "read back by the AR). vector_gain: the AV's loss on the teacher's z with another passage's vector minus "
+    "with its own, nats per token (> 0 only when the AV reads the vector)."
 )
 
 
@@ -69,14 +72,15 @@ def _row(tag: str, r: dict, random: bool) -> str:
     shuffled = r["vs_controls"].get("shuffled_z")
     delta = "—" if shuffled is None else f"{shuffled['diff']:+.3f} [{shuffled['lo']:+.3f}, {shuffled['hi']:+.3f}]"
     distinct = f"{r['distinct_z']:.2f}" if "distinct_z" in r else "—"
+    gain = f"{r['vector_gain']:+.3f}" if "vector_gain" in r else "—"
     cells = [label, str(r["N"]), f"**{m['fve_centred']:.3f}** [{lo:.3f}, {hi:.3f}]", f"{m['fve_meannorm']:.3f}",
-             f"{m['cos']:.3f}", *(_control_cell(r, c) for c in CONTROLS), delta, distinct]
+             f"{m['cos']:.3f}", *(_control_cell(r, c) for c in CONTROLS), delta, distinct, gain]
     return "| " + " | ".join(cells) + " |"
 
 
 def markdown(data: dict, extra_md: str = "") -> str:
     header = ("| tag | N | fve_centred [95% CI] | fve_meannorm | cos | " + " | ".join(CONTROLS)
-              + " | Δ vs shuffled_z [CI] | distinct_z |\n|" + "---|" * (7 + len(CONTROLS)))
+              + " | Δ vs shuffled_z [CI] | distinct_z | vector_gain |\n|" + "---|" * (8 + len(CONTROLS)))
     lines = [f"# {data['title']}", "", data["notes"], ""]
     for group, heading in (("trained", "Trained models"), ("held_out", "Held-out models (never trained the AV/AR)")):
         tags = [t for t, r in data["tags"].items() if r["held_out"] == (group == "held_out")]

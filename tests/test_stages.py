@@ -125,20 +125,31 @@ def test_ar_sft_killed_after_a_checkpoint_resumes_to_identical_weights(prepared,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("train_enc", [False, True])
-def test_av_sft_lowers_loss_and_honours_the_enc_switch(prepared, tmp_path, train_enc):
+@pytest.mark.parametrize("train_enc, input_map, train_map", [(False, "none", False), (True, "none", False), (False, "bag", True)])
+def test_av_sft_lowers_loss_and_honours_the_enc_and_map_switches(prepared, tmp_path, train_enc, input_map, train_map):
     run = copy_run(prepared, tmp_path / "run")
     ar_sft(run, steps=2)
     before = load_file(str(run / "bundle" / "adapters" / "adapters.safetensors"))
     record = run_sft_av(AVSFTConfig(run=run_cfg(run), loop=LoopConfig(steps=12, lr=3e-3, **FAST), train_enc=train_enc,
-                                    enc_lr=1e-2, val_passages=8, collapse_sample=4, max_new_tokens=8))
+                                    enc_lr=1e-2, val_passages=8, collapse_sample=4, max_new_tokens=8, input_map=input_map,
+                                    train_input_map=train_map, input_map_lr=1e-2))
     losses = [json.loads(line)["loss"] for line in (run / "sft-av" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    # exactly 0 would mean the swapped control fed the AV the same vectors
-    assert "distinct_z" in record["final"] and np.isfinite(record["final"]["vector_gain"]) and record["final"]["vector_gain"] != 0
+    assert "distinct_z" in record["final"] and np.isfinite(record["final"]["vector_gain"])
     after = load_file(str(run / "bundle" / "adapters" / "adapters.safetensors"))
     assert torch.equal(before["encoders.tiny-llama.weight"], after["encoders.tiny-llama.weight"])
     assert torch.equal(before["encoders.tiny-gpt2.weight"], after["encoders.tiny-gpt2.weight"]) is not train_enc
+    meta = yaml.safe_load((run / "bundle" / "nla_meta.yaml").read_text())
+    if input_map == "none":
+        # exactly 0 would mean the swapped control fed the AV the same vectors
+        assert record["final"]["vector_gain"] != 0
+        assert meta["av"]["input_map"] is None and not (run / "bundle" / "av" / "input_map.safetensors").exists()
+        return
+    report = meta["av"]["input_map"]
+    assert report["kind"] == "bag" and report == record["input_map"] and report["N"] > 50 and "val_fve_shuffled" in report
+    assert torch.isfinite(load_file(str(run / "bundle" / "av" / "input_map.safetensors"))["weight"]).all()
+    trained = json.loads(sorted((run / "sft-av" / "checkpoints").glob("step-*/state.json"))[-1].read_text())["names"]
+    assert any(n.startswith("input_map.") for n in trained) is train_map
 
 
 def test_swapped_vectors_stay_within_a_tag_and_move_every_row():
@@ -209,7 +220,8 @@ def test_refit_add_model_and_eval(prepared, tmp_path):
     result = run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=8, n_boot=50, test_passages=8))
     for tag in ("tiny-llama", "tiny-gpt2", "tiny-qwen3"):
         r = result["results"][tag]
-        assert {"shuffled_z", "teacher_z", "mean_predictor"} <= set(r["controls"])
+        assert {"shuffled_z", "teacher_z", "mean_predictor", "map_alone"} <= set(r["controls"])
+        assert np.isfinite(r["vector_gain"]) and r["vector_gain"] != 0
         assert all(np.isfinite(v) for v in r["metrics"].values())
     assert "linear_ceiling" in result["results"]["tiny-qwen3"]["controls"]
     report = json.loads((run / "eval-nla" / "fve_report.json").read_text())

@@ -31,6 +31,7 @@ from .ar import AR, ARConfig, default_mse_scale
 from .av import AV, AVConfig, Explanation
 from .bundle import (FVE_REPORT_FILE, ARMeta, AVMeta, NLAMeta, TagInfo, check_adapters_match, check_d_shared, read_meta,
                      read_reports, spec_from_dict, spec_to_dict, write_bundle)
+from .input_map import InputMap
 from .prompts import check_ar_template, check_av_template
 
 PARTS = ("av", "ar")
@@ -115,7 +116,7 @@ class UniversalNLA:
             check_d_shared(meta, av_model.d_model, "AV")
             verbalizer = AV.load(folder / "av", av_model, meta.av.marker, meta.av.prompt_template, meta.av.injection_scale,
                                  canonical_tag=meta.anchor_tag, engine=engine, generate_batch_size=generate_batch_size,
-                                 progress=progress)
+                                 progress=progress, has_input_map=bool(meta.av.input_map))
         if "ar" in parts:
             ar_model = load_model(spec_from_dict(meta.ar.base, "ar.base"), cache_dir=cache_dir, num_blocks=meta.ar.num_layers)
             check_d_shared(meta, ar_model.d_model, "AR")
@@ -130,7 +131,8 @@ class UniversalNLA:
         return write_bundle(folder, self.meta, self.av, self.ar, self.adapters, self.reports)
 
     def to(self, device: str | torch.device) -> "UniversalNLA":
-        for part in (self._av.model if self._av else None, self._ar, self.adapters):
+        av_parts = (self._av.model, self._av.input_map) if self._av else ()
+        for part in (*av_parts, self._ar, self.adapters):
             if part is not None:
                 part.to(device)
         return self
@@ -146,6 +148,11 @@ class UniversalNLA:
         if self._ar is None:
             raise NLAError("this UniversalNLA was loaded without its AR", "load the bundle with parts=(..., 'ar')")
         return self._ar
+
+    def set_input_map(self, input_map: InputMap | None, report: dict | None) -> None:
+        """Give the AV a (new) input map, recorded in the sidecar with how it was fitted."""
+        self.av.input_map = None if input_map is None else input_map.to(self.av.embedding.weight.device)
+        self.meta.av.input_map = None if input_map is None else dict(report or {})
 
     def eval(self) -> "UniversalNLA":
         """Dropout off in every loaded part (what a save or an inference pass expects)."""

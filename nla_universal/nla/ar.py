@@ -23,7 +23,7 @@ from .. import io
 from ..config import opt
 from ..errors import DataError, NLAError
 from ..models import LoadedModel, decoder_layers, forward_to_layer, strip_head
-from .lora import LoraSettings, attach_lora, load_lora
+from .lora import LoraSettings, attach_lora, load_lora, save_adapter
 from .prompts import DEFAULT_AR_TEMPLATE, ar_text, check_ar_template, pad_ids, pad_token_id
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -54,7 +54,10 @@ def identity_head(d: int) -> nn.Linear:
 class AR(nn.Module):
     """Truncated trunk + LoRA + value head. `forward` keeps gradients; `reconstruct` is batched inference."""
 
-    def __init__(self, model: PeftModel, tokenizer, template: str, value_head: nn.Linear, batch_size: int = 16):
+    def __init__(self, model: PeftModel, tokenizer, template: str, value_head: nn.Linear, batch_size: int = 16, *,
+                 layer: int | None = None, adapter_name: str = "default"):
+        """`layer`: the block read (K); default the last block of a trunk loaded with K+1 blocks. A full trunk
+        shared with the AV passes K: the forward stops there, so the blocks after it never run."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -62,7 +65,8 @@ class AR(nn.Module):
         self.value_head = value_head
         self.eval()  # LoRA dropout off until a trainer calls .train()
         self.batch_size = batch_size
-        self.layer = len(decoder_layers(model)) - 1  # the last kept block is layer K
+        self.layer = len(decoder_layers(model)) - 1 if layer is None else layer
+        self.adapter_name = adapter_name
         self.pad_id = pad_token_id(tokenizer)
 
     @staticmethod
@@ -94,8 +98,9 @@ class AR(nn.Module):
         return cls(model, loaded.tokenizer, template, head, batch_size)
 
     def save(self, folder: str | Path) -> None:
+        """This AR's adapter (only it, on a base that carries several) and its value head."""
         folder = Path(folder)
-        self.model.save_pretrained(str(folder))
+        save_adapter(self.model, self.adapter_name, folder)
         with io.atomic_path(folder / VALUE_HEAD_FILE) as tmp:
             save_file({"weight": self.value_head.weight.detach().float().cpu().contiguous()}, str(tmp))
 

@@ -1,7 +1,9 @@
 """The activation verbalizer (AV): a causal-LM trunk + LoRA that reads a vector and writes text.
 
-The vector (shared space, `enc_M(n(h_M))`) replaces the marker's embedding row of a prompt that names
-the source model's tag; every path below (generation, SFT, log-probs) goes through `injection`.
+A shared vector goes through the AV's input map (`input_rows`; nla/input_map.py), and the result
+replaces the marker's embedding row of a prompt that names the source model's tag. Every path below
+(generation, SFT, log-probs) goes through `input_rows` and `injection`, so training, rollout and
+inference inject the same row.
 Batches put the prompt on the left (left padding) and the response after it, exactly the layout
 of generation, with position ids counted over real tokens.
 """
@@ -22,7 +24,8 @@ from ..errors import ConfigError
 from ..models import LoadedModel, input_embedding
 from ..rollout import Completion, HFRolloutEngine, RolloutEngine, SamplingParams
 from .injection import embed_and_inject, injecting, marker_positions, position_ids
-from .lora import LoraSettings, attach_lora, load_lora
+from .input_map import InputMap
+from .lora import LoraSettings, attach_lora, load_lora, save_adapter
 from .markers import MarkerSpec, check_marker, choose_marker
 from .prompts import DEFAULT_AV_TEMPLATE, av_target, check_av_template, pad_ids, pad_token_id, parse_explanation, render_av_prompt
 
@@ -78,8 +81,11 @@ class AV:
     """Trunk + LoRA; prompts per tag; inject, generate, score."""
 
     def __init__(self, model: PeftModel, tokenizer, marker: MarkerSpec, template: str, injection_scale: float,
-                 engine: RolloutEngine | None = None, generate_batch_size: int = 8, progress: bool = False):
+                 engine: RolloutEngine | None = None, generate_batch_size: int = 8, progress: bool = False, *,
+                 input_map: InputMap | None = None, adapter_name: str = "default"):
         self.model = model.eval()  # LoRA dropout off until a trainer calls .train()
+        self.input_map = input_map
+        self.adapter_name = adapter_name
         self.tokenizer = tokenizer
         self.marker = marker
         self.template = check_av_template(template)
@@ -106,14 +112,19 @@ class AV:
     @classmethod
     def load(cls, folder: str | Path, loaded: LoadedModel, marker: MarkerSpec, template: str, injection_scale: float,
              canonical_tag: str, engine: RolloutEngine | None = None, generate_batch_size: int = 8,
-             progress: bool = False) -> "AV":
+             progress: bool = False, *, has_input_map: bool = False, trainable: bool = True) -> "AV":
         """The AV saved in `folder`, after checking the recorded marker against the live tokenizer."""
         check_marker(loaded.tokenizer, marker, lambda c: render_av_prompt(loaded.tokenizer, template, canonical_tag, c))
-        model = load_lora(loaded.model, folder)
-        return cls(model, loaded.tokenizer, marker, template, injection_scale, engine, generate_batch_size, progress)
+        model = load_lora(loaded.model, folder, trainable=trainable)
+        input_map = InputMap.load(folder, loaded.d_model, loaded.d_model) if has_input_map else None
+        return cls(model, loaded.tokenizer, marker, template, injection_scale, engine, generate_batch_size, progress,
+                   input_map=input_map)
 
     def save(self, folder: str | Path) -> None:
-        self.model.save_pretrained(str(folder))
+        """This AV's adapter (only it, on a base that carries several) and its input map, if any."""
+        save_adapter(self.model, self.adapter_name, folder)
+        if self.input_map is not None:
+            self.input_map.save(folder)
 
     @property
     def embedding(self) -> nn.Module:
@@ -146,16 +157,18 @@ class AV:
     def _device(self) -> torch.device:
         return self.embedding.weight.device
 
-    def _vectors(self, vectors: torch.Tensor, n: int) -> torch.Tensor:
+    def input_rows(self, vectors: torch.Tensor, n: int) -> torch.Tensor:
+        """The rows injected for shared vectors `[n, d_shared]`: through the input map when the AV has one."""
         if vectors.dim() != 2 or vectors.shape[0] != n:
             raise ValueError(f"vectors {tuple(vectors.shape)} do not give one row per prompt ({n})")
-        return vectors.to(self._device())
+        vectors = vectors.to(self._device())
+        return vectors if self.input_map is None else self.input_map(vectors)
 
     def prompt_embeds(self, vectors: torch.Tensor, tags: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded `[B, T, d]` input rows with the vectors injected, and the mask (for any engine)."""
         ids, mask, _ = self.layout(tags)
         ids, mask = ids.to(self._device()), mask.to(self._device())
-        return embed_and_inject(self.embedding, ids, self._vectors(vectors, len(tags)), self.marker, self.injection_scale), mask
+        return embed_and_inject(self.embedding, ids, self.input_rows(vectors, len(tags)), self.marker, self.injection_scale), mask
 
     # ------------------------------------------------------------------ generation
 
@@ -173,7 +186,7 @@ class AV:
         """`[B, T, V]` logits with the vectors injected through a hook on the embedding module."""
         device = self._device()
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        with injecting(self.embedding, self._vectors(vectors, input_ids.shape[0]), self.marker, self.injection_scale):
+        with injecting(self.embedding, self.input_rows(vectors, input_ids.shape[0]), self.marker, self.injection_scale):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids(attention_mask), use_cache=False)
         return out.logits
@@ -198,6 +211,16 @@ class AV:
         return nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
+
+    def target_loss(self, vectors: torch.Tensor, tags: Sequence[str], texts: Sequence[str], batch_size: int = 8) -> float:
+        """Mean SFT loss (nats per target token, batch by batch) of writing `texts` after these vectors:
+        with each vector swapped for another's, the difference is `vector_gain` — > 0 only if the AV reads them."""
+        total = 0.0
+        with torch.no_grad():
+            for k in range(0, len(texts), batch_size):
+                sl = slice(k, k + batch_size)
+                total += float(self.sft_loss(self.build_sft_batch(vectors[sl], tags[sl], texts[sl]))) * len(texts[sl])
+        return total / len(texts)
 
     def sequence_log_probs(self, vectors: torch.Tensor, tags: Sequence[str], response_ids: Sequence[Sequence[int]]) -> SequenceLogProbs:
         """Log-probs of each response's tokens after its injected prompt (gradients flow; RL policy and reference)."""

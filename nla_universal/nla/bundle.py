@@ -1,7 +1,7 @@
 """The bundle: one folder users share (DESIGN.md "Files"), and its `nla_meta.yaml` sidecar.
 
     nla_meta.yaml     kind, schema_version, d_shared, anchor_tag, tags, av, ar, teacher, stages
-    av/               peft adapter (adapter_config.json, adapter_model.safetensors)
+    av/               peft adapter (adapter_config.json, adapter_model.safetensors) + input_map.safetensors
     ar/               peft adapter + value_head.safetensors
     adapters/         adapters.safetensors + adapters.json (+ fit reports)
     fve_report.json   optional
@@ -45,6 +45,7 @@ REQUIRED_FILES = (
     "adapters/adapters.safetensors",
     "adapters/adapters.json",
 )
+INPUT_MAP_PATH = "av/input_map.safetensors"
 _RESAVE = "re-save the bundle from the run that trained it (or copy the folder again)"
 
 
@@ -62,14 +63,16 @@ class AVMeta:
     prompt_template: str
     marker: MarkerSpec
     injection_scale: float
+    input_map: Optional[dict] = None  # how av/input_map.safetensors was fitted; None = vectors injected as they are
 
     def to_dict(self) -> dict:
         return {"base": self.base, "prompt_template": self.prompt_template, "tokens": self.marker.to_dict(),
-                "injection_scale": float(self.injection_scale)}
+                "injection_scale": float(self.injection_scale), "input_map": self.input_map}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AVMeta":
-        return cls(dict(d["base"]), str(d["prompt_template"]), MarkerSpec.from_dict(d["tokens"]), float(d["injection_scale"]))
+        return cls(dict(d["base"]), str(d["prompt_template"]), MarkerSpec.from_dict(d["tokens"]), float(d["injection_scale"]),
+                   d.get("input_map"))
 
 
 @dataclass
@@ -195,9 +198,11 @@ def read_meta(folder: str | Path) -> NLAMeta:
     if not folder.is_dir():
         raise DataError(f"bundle folder {folder} does not exist", "pass the folder that holds nla_meta.yaml")
     check_manifest(folder)
-    for rel in (META_FILE, *REQUIRED_FILES):
+    _check_file(folder / META_FILE)
+    meta = NLAMeta.from_dict(io.read_yaml(folder / META_FILE), folder / META_FILE)
+    for rel in (*REQUIRED_FILES, *((INPUT_MAP_PATH,) if meta.av.input_map else ())):
         _check_file(folder / rel)
-    return NLAMeta.from_dict(io.read_yaml(folder / META_FILE), folder / META_FILE)
+    return meta
 
 
 def check_adapters_match(meta: NLAMeta, adapters) -> None:

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import io
 from ..config import opt
 from ..errors import ConfigError, DataError
 from ..models import decoder_layers
@@ -72,3 +75,39 @@ def load_lora(model: nn.Module, folder: str | Path, trainable: bool = True) -> P
             f"cannot load the LoRA adapter in {folder}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
             "the adapter does not fit this trunk: load the bundle with the trunk named in nla_meta.yaml",
         ) from None
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapter(model: PeftModel, name: str, folder: str | Path) -> None:
+    """One named adapter of a (possibly multi-adapter) model as a standalone peft folder.
+
+    peft's own save writes every adapter, the non-default ones into subfolders; a bundle keeps one per part."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    with io.atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    model.peft_config[name].save_pretrained(str(folder))  # adapter_config.json, small: written in place
+
+
+def add_saved_adapter(model: PeftModel, folder: str | Path, name: str, layers: list[int] | None = None) -> None:
+    """Add the adapter saved in `folder` to `model` under `name`, optionally only on blocks `layers`
+    (an AR adapter saved on a K+1-block trunk, added to the full trunk that also serves the AV)."""
+    folder = Path(folder)
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
+    except Exception as exc:  # peft/safetensors raise several types for a bad adapter
+        raise DataError(f"cannot read the LoRA adapter in {folder}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                        "re-save the bundle from its training run") from None
+    if layers is not None:
+        config.layers_to_transform = list(layers)
+    config.inference_mode = False
+    model.add_adapter(name, config)
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if missing:
+        raise DataError(f"the adapter in {folder} does not cover {len(missing)} LoRA tensors of this trunk (e.g. {missing[0]})",
+                        "load the bundle with the trunk named in nla_meta.yaml")

@@ -25,7 +25,9 @@ from ..errors import DataError
 from ..evaluate import linear_ceiling_predictions, score_tag
 from ..metrics import derangement, normalised_mean, normalize_rows, shuffled
 from ..nla.api import UniversalNLA
+from ..nla.input_map import nearest_words, words
 from ..report import write_report
+from ..activations import TagRows
 from .explanations import explain_rows
 from .refit_dec import greedy
 from .workspace import RunConfig, Workspace
@@ -70,11 +72,40 @@ def score_bundle_tag(nla: UniversalNLA, ws: Workspace, table, tag: str, cfg: Eva
         controls["teacher_z"] = nla.decode(nla.shared_from_text([t or "" for t in test.z]), tag).double().numpy()
     if linear is not None and tag in linear.tags:
         controls["linear_ceiling"] = linear_ceiling_predictions(linear, tag, test.H)
+    if nla.av.input_map is not None:
+        controls["map_alone"] = nla.decode(nla.shared_from_text(map_alone_texts(nla, test, vocabulary(table))), tag).double().numpy()
     scores = score_tag(test.H, normalize_rows(pred), train_mean(ws, table, tag), controls, texts=z, n_boot=cfg.n_boot)
     scores["parsed_share"] = float(np.mean(parsed))
+    if all(test.z):
+        scores["vector_gain"] = vector_gain(nla, test, cfg.generate_batch_size)
     by_id = dict(zip(table.column("passage_id").to_pylist(), table.column("text").to_pylist()))
     examples = [(by_id[p], zz, str(t or "")) for p, zz, t in zip(test.ids[:3], z[:3], test.z[:3])]
     return scores, examples
+
+
+def vocabulary(table, limit: int = 2000) -> list[str]:
+    """The most frequent words of the train split's teacher explanations: what the map alone may say."""
+    counts: dict[str, int] = {}
+    for z, split in zip(table.column("z").to_pylist() if "z" in table.column_names else [], table.column("split").to_pylist()):
+        if z and split == "train":
+            for w in words(z):
+                counts[w] = counts.get(w, 0) + 1
+    if not counts:
+        raise DataError("the train split holds no teacher explanations to read the input map with", "run `nla-universal teach`")
+    return sorted(counts, key=lambda w: (-counts[w], w))[:limit]
+
+
+def map_alone_texts(nla: UniversalNLA, rows: TagRows, vocab: list[str], k: int = 8) -> list[str]:
+    mapped = nla.av.input_map(nla.encode(rows.H, rows.tag).to(nla.av.embedding.weight.device))
+    return nearest_words(mapped, vocab, nla.av.tokenizer, nla.av.embedding, k)
+
+
+def vector_gain(nla: UniversalNLA, rows: TagRows, batch_size: int) -> float:
+    """On held-out text: the AV's loss on the teacher's z with another passage's vector − with its own."""
+    v = nla.encode(rows.H, rows.tag)
+    tags, texts = [rows.tag] * len(rows), [str(z) for z in rows.z]
+    true = nla.av.target_loss(v, tags, texts, batch_size)
+    return nla.av.target_loss(v[derangement(len(rows), seed=1)], tags, texts, batch_size) - true
 
 
 def examples_markdown(examples: dict[str, list[tuple[str, str, str]]]) -> str:

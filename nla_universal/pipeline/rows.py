@@ -7,7 +7,7 @@ import numpy as np
 from ..activations import Activations
 from ..errors import DataError
 from ..metrics import normalize_rows
-from ..train.data import TagRows
+from ..activations import TagRows
 
 
 def tag_rows(acts: Activations, table, split: str, *, need_z: bool, limit: int | None = None) -> TagRows:

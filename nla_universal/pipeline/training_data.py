@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..errors import DataError
 from ..nla.api import UniversalNLA
-from ..train.data import TagRows
+from ..activations import TagRows
 from .workspace import Workspace
 
 

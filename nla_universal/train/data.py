@@ -1,24 +1,10 @@
-"""What the training stages train on, in memory: per tag, aligned passage ids, n(h) rows and z."""
+"""Batches of the training stages: examples drawn across tags from each tag's rows."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
-
-@dataclass
-class TagRows:
-    """One tag's rows of a split, aligned: passage ids, n(h) at √d_M, and the teacher's z (or None)."""
-
-    tag: str
-    ids: list[str]
-    H: np.ndarray  # [N, d_M] float32, rows at √d_M
-    z: list[str | None]
-
-    def __len__(self) -> int:
-        return len(self.ids)
+from ..activations import TagRows
 
 
 def example_index(rows: dict[str, TagRows]) -> list[tuple[str, int]]:

@@ -20,7 +20,8 @@ from ..metrics import derangement, distinct_share
 from ..nla.api import UniversalNLA
 from ..nla.loss import mse_nrm
 from ..rollout import SamplingParams
-from .data import TagRows, example_index, gather
+from ..activations import TagRows
+from .data import example_index, gather
 from .loop import LoopConfig, named_trainable, train
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def batch_vectors(nla: UniversalNLA, rows: dict[str, TagRows], pairs: list[tuple
 
 def train_av(nla: UniversalNLA, rows: dict[str, TagRows], val: dict[str, TagRows], loop: LoopConfig, out_dir: Path,
              device: torch.device, *, train_enc: bool = False, enc_lr: float = 2e-4, collapse_sample: int = 16,
-             collapse_threshold: float = 0.5, max_new_tokens: int = 48) -> dict[str, float]:
+             collapse_threshold: float = 0.5, max_new_tokens: int = 48, train_input_map: bool = False,
+             input_map_lr: float = 1e-4) -> dict[str, float]:
     """AV SFT to `loop.steps` (resuming from `out_dir`'s checkpoints); the last eval's metrics."""
     av = nla.av
     examples, val_examples = example_index(rows), example_index(val)
@@ -113,6 +115,11 @@ def train_av(nla: UniversalNLA, rows: dict[str, TagRows], val: dict[str, TagRows
             p.requires_grad_(True)
         groups.append({"params": list(encoders.values()), "lr": enc_lr})
         named.update({f"enc.{name}": p for name, p in encoders.items()})
+    if av.input_map is not None:
+        av.input_map.requires_grad_(train_input_map)
+        if train_input_map:
+            groups.append({"params": list(av.input_map.parameters()), "lr": input_map_lr})
+            named.update(named_trainable([("input_map", av.input_map)]))
 
     def loss_fn(idx: np.ndarray):
         pairs = [examples[i] for i in idx]
@@ -121,13 +128,8 @@ def train_av(nla: UniversalNLA, rows: dict[str, TagRows], val: dict[str, TagRows
         return av.sft_loss(batch), {}
 
     def val_loss(vector_pairs: list[tuple[str, int]]) -> float:
-        total = 0.0
-        for k in range(0, len(val_examples), loop.batch_size):
-            pairs = val_examples[k:k + loop.batch_size]
-            batch = av.build_sft_batch(batch_vectors(nla, val, vector_pairs[k:k + loop.batch_size]), [t for t, _ in pairs],
-                                       [val[t].z[i] for t, i in pairs])
-            total += float(av.sft_loss(batch)) * len(pairs)
-        return total / len(val_examples)
+        return av.target_loss(batch_vectors(nla, val, vector_pairs), [t for t, _ in val_examples],
+                              [val[t].z[i] for t, i in val_examples], loop.batch_size)
 
     def eval_fn(step: int) -> dict[str, float]:
         av.model.eval()
