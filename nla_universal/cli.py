@@ -36,6 +36,7 @@ STAGES: dict[str, Stage] = {
     "sft-av": Stage("sft_av", "AVSFTConfig", "run", "AV SFT: the injected shared vector → teacher z"),
     "refit-dec": Stage("refit_dec", "RefitConfig", "run", "dec_M by least squares on the AR's outputs"),
     "add-model": Stage("add_model", "AddModelConfig", "run", "add a held-out model to a trained bundle"),
+    "rl": Stage("rl", "RLStageConfig", "run", "joint RL: GRPO on the AV with reward −mse_nrm, the AR trained alongside"),
     "eval": Stage("evaluate", "EvalConfig", "run", "score every tag on the test split with baselines and controls"),
     "verbalize": Stage("use", "VerbalizeConfig", "verbalize", "explain activations in words with a bundle"),
     "reconstruct": Stage("use", "ReconstructConfig", "reconstruct", "map explanations back to activations"),

@@ -35,7 +35,7 @@ from ..corpus import read_passages
 from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from ..nla.api import UniversalNLA
-from ..nla.bundle import MANIFEST_FILE, read_reports
+from ..nla.bundle import MANIFEST_FILE, NLAMeta, read_reports, write_bundle
 from ..teacher import check_single_teacher
 from .rows import TagRows, tag_rows
 
@@ -158,6 +158,11 @@ class Workspace:
         except ValueError:
             raise DataError(f"stage record {path} is corrupt", f"delete it and rerun `nla-universal {_family(stage)}`") from None
 
+    def bundle_stage_names(self) -> list[str]:
+        """The stages the run's bundle records (none when there is no bundle yet)."""
+        path = self.bundle_dir / "nla_meta.yaml"
+        return [s["stage"] for s in (io.read_yaml(path) or {}).get("stages", [])] if path.is_file() else []
+
     def stage(self, name: str, *configs) -> "StageRun":
         return StageRun(self, name, settings(*configs))
 
@@ -167,7 +172,7 @@ class Workspace:
             first = require[0] if require else "sft-ar"
             raise DataError(f"no bundle in {self.bundle_dir}", f"run `nla-universal {first}` first (sft-ar creates the bundle)")
         nla = UniversalNLA.load(self.bundle_dir, cache_dir=self.run.cache_dir, parts=parts, trained=False)
-        self.check_bundle_stages(nla, require)
+        self.check_bundle_stages(nla.meta, require)
         if nla.meta.anchor_tag != self.pool.anchor:
             raise ConfigError(
                 f"the bundle in {self.bundle_dir} was trained on trunk {nla.meta.anchor_tag!r}, the pool's anchor is {self.pool.anchor!r}",
@@ -175,14 +180,15 @@ class Workspace:
             )
         return nla.to(self.device)
 
-    def check_bundle_stages(self, nla: UniversalNLA, require) -> None:
-        by_stage = {s["stage"]: s["id"] for s in nla.meta.stages}
+    def check_bundle_stages(self, meta: NLAMeta, require) -> None:
+        """Each required stage wrote the bundle, and its record in run_dir/stages/ is that run's."""
+        by_stage = {s["stage"]: s["id"] for s in meta.stages}
         for stage in require:
             record = self.record(stage)
             if stage not in by_stage:
                 raise DataError(
                     f"the bundle in {self.bundle_dir} has not been through {stage} (it records: "
-                    f"{', '.join(nla.meta.stage_names) or 'no stage'}); a stage killed before it finished leaves the "
+                    f"{', '.join(meta.stage_names) or 'no stage'}); a stage killed before it finished leaves the "
                     "bundle as it was",
                     f"run `nla-universal {_family(stage)}` (resumes from its last checkpoint)",
                 )
@@ -222,10 +228,15 @@ class StageRun:
 
     def save_bundle(self, nla: UniversalNLA) -> None:
         """Save the bundle with this run in its history (and without the entries it makes stale)."""
+        nla.eval()
+        self.write_bundle(nla.meta, nla.av, nla.ar, nla.adapters, nla.reports)
+
+    def write_bundle(self, meta: NLAMeta, av, ar, adapters, reports: dict) -> None:
+        """`save_bundle` for parts that live elsewhere (`av`/`ar`: anything with `save(folder)`)."""
         stale = {self.name} | {s for s, deps in DEPENDS_ON.items() if _family(self.name) in deps}
-        nla.meta.stages = [s for s in nla.meta.stages if s["stage"] not in stale and _family(s["stage"]) not in stale]
-        nla.meta.stages.append({"stage": self.name, "id": self.id})
-        nla.eval().save(self.ws.bundle_dir)
+        meta.stages = [s for s in meta.stages if s["stage"] not in stale and _family(s["stage"]) not in stale]
+        meta.stages.append({"stage": self.name, "id": self.id})
+        write_bundle(self.ws.bundle_dir, meta, av, ar, adapters, reports)
 
     def finish(self, **results) -> dict:
         record = {"stage": self.name, "id": self.id, "settings": self.settings,
