@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nla_universal.pipeline.quickstart_report import diagnostics_markdown
 
@@ -52,7 +53,13 @@ def test_smoke_writes_every_artifact_with_finite_metrics(smoke_run):
     gain = json.loads((smoke_run / "stages" / "sft-av.json").read_text())["final"]["vector_gain"]
     assert "## Training diagnostics" in text and f"{gain:+.4f}" in text
     stages = [row["stage"] for row in json.loads((smoke_run / "timings.json").read_text())]
-    assert stages == ["corpus", "extract", "teach", "fit-adapters", "sft-ar", "sft-av", "refit-dec", "add-model", "eval"]
+    assert stages == ["corpus", "extract", "teach", "fit-adapters", "sft-ar", "sft-av", "refit-dec", "add-model", "eval-sft",
+                      "rl", "eval"]
+    assert "## Before and after RL (test split)" in text and "| rl | reward" in text
+    before = json.loads((smoke_run / "eval-sft" / "fve_report.json").read_text())
+    assert set(before["tags"]) == set(report["tags"])
+    meta_stages = [s["stage"] for s in yaml.safe_load((smoke_run / "bundle" / "nla_meta.yaml").read_text())["stages"]]
+    assert meta_stages[-1] == "rl" and "add-model-gemma3-270m" in meta_stages
 
 
 @pytest.mark.parametrize("gain, verdict", [(0.0004, "does not read the injected vector"), (0.05, "depends on the vector")])

@@ -25,6 +25,7 @@ from ..errors import DataError
 from ..evaluate import linear_ceiling_predictions, score_tag
 from ..metrics import derangement, normalised_mean, normalize_rows, shuffled
 from ..nla.api import UniversalNLA
+from ..nla.bundle import read_meta
 from ..nla.input_map import nearest_words, words
 from ..report import write_report
 from ..activations import TagRows
@@ -76,8 +77,10 @@ def score_bundle_tag(nla: UniversalNLA, ws: Workspace, table, tag: str, cfg: Eva
         controls["map_alone"] = nla.decode(nla.shared_from_text(map_alone_texts(nla, test, vocabulary(table))), tag).double().numpy()
     scores = score_tag(test.H, normalize_rows(pred), train_mean(ws, table, tag), controls, texts=z, n_boot=cfg.n_boot)
     scores["parsed_share"] = float(np.mean(parsed))
-    if all(test.z):
-        scores["vector_gain"] = vector_gain(nla, test, cfg.generate_batch_size)
+    with_z = [i for i, z in enumerate(test.z) if z]
+    if len(with_z) >= 2:
+        scores["vector_gain"] = vector_gain(nla, TagRows(tag, [test.ids[i] for i in with_z], test.H[with_z],
+                                                         [test.z[i] for i in with_z]), cfg.generate_batch_size)
     by_id = dict(zip(table.column("passage_id").to_pylist(), table.column("text").to_pylist()))
     examples = [(by_id[p], zz, str(t or "")) for p, zz, t in zip(test.ids[:3], z[:3], test.z[:3])]
     return scores, examples
@@ -101,7 +104,8 @@ def map_alone_texts(nla: UniversalNLA, rows: TagRows, vocab: list[str], k: int =
 
 
 def vector_gain(nla: UniversalNLA, rows: TagRows, batch_size: int) -> float:
-    """On held-out text: the AV's loss on the teacher's z with another passage's vector − with its own."""
+    """On held-out text: the AV's loss on the teacher's z with another passage's vector − with its own
+    (over the passages the teacher explained)."""
     v = nla.encode(rows.H, rows.tag)
     tags, texts = [rows.tag] * len(rows), [str(z) for z in rows.z]
     true = nla.av.target_loss(v, tags, texts, batch_size)
@@ -150,6 +154,10 @@ def run(cfg: EvalConfig) -> dict:
     out = Path(cfg.out or ws.root / f"eval-{cfg.predictor}")
     if cfg.predictor == Predictor.linear:
         return run_linear(ws, out, cfg.n_boot)
+    st = ws.stage(out.name, cfg)
+    bundle_stages = read_meta(ws.bundle_dir).stages if (ws.bundle_dir / "nla_meta.yaml").is_file() else None
+    if st.done and st.record.get("bundle_stages") == bundle_stages and (out / "fve_report.json").is_file():
+        return {"results": st.record["results"], "files": {k: Path(v) for k, v in st.record["files"].items()}}
     table = ws.passages()
     nla = ws.open_bundle("sft-ar", "sft-av", "refit-dec")
     linear = ws.adapters() if (ws.adapters_dir / "manifest.json").is_file() else None
@@ -167,4 +175,5 @@ def run(cfg: EvalConfig) -> dict:
                          held_out={t: i.held_out for t, i in nla.meta.tags.items()},
                          random_weights={m.tag: m.source == "random" for m in ws.pool.models},
                          extra_md=note + "\n\n" + examples_markdown(examples))
+    st.finish(bundle_stages=nla.meta.stages, results=results, files={k: str(v) for k, v in files.items()})
     return {"results": results, "files": files, "examples": examples}

@@ -10,25 +10,28 @@ interrupted (or finished) quickstart continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .. import io
+from ..errors import DataError
 from ..config import PoolConfig, default_cache_dir, load_config, opt, resolve_config_path, validate_pool
-from . import add_model, corpus, evaluate, extract, fit_adapters, refit_dec, sft_ar, sft_av, teach
+from . import add_model, corpus, evaluate, extract, fit_adapters, refit_dec, rl, sft_ar, sft_av, teach
 from .add_model import AddModelConfig
 from .corpus import CorpusStageConfig
 from .evaluate import EvalConfig
 from .extract import ExtractConfig
 from .fit_adapters import FitAdaptersConfig
-from .quickstart_report import StageTimer, diagnostics_markdown, timings_markdown
+from .quickstart_report import StageTimer, before_after_markdown, diagnostics_markdown, timings_markdown
 from .refit_dec import RefitConfig
+from .rl import RLStageConfig
 from .sft_ar import ARSFTConfig
 from .sft_av import AVSFTConfig
 from .teach import TeachStageConfig
-from .workspace import RunConfig
+from .workspace import RunConfig, Workspace
 
 
 @dataclass
@@ -45,7 +48,8 @@ class Preset:
     sft_av: AVSFTConfig = opt(help="sft-av stage", factory=AVSFTConfig)
     refit_dec: RefitConfig = opt(help="refit-dec stage", factory=RefitConfig)
     add_model: AddModelConfig = opt(help="add-model stage: the held-out model (only its adapters are fitted)", factory=AddModelConfig)
-    eval: EvalConfig = opt(help="eval stage", factory=EvalConfig)
+    eval: EvalConfig = opt(help="eval stage (run after SFT into eval-sft/, and after RL into eval/)", factory=EvalConfig)
+    rl: RLStageConfig = opt(help="rl stage", factory=RLStageConfig)
 
 
 @dataclass
@@ -62,6 +66,18 @@ def load_preset(name_or_path: str) -> Preset:
     return preset
 
 
+def eval_before_rl(cfg: EvalConfig) -> dict:
+    """The SFT-only scores: once RL has rewritten the bundle they can only come from the earlier record."""
+    ws = Workspace(cfg.run)
+    record = ws.record(Path(cfg.out).name)
+    if record is not None and "rl" in ws.bundle_stage_names():
+        return {"results": record["results"], "files": {k: Path(v) for k, v in record["files"].items()}}
+    if "rl" in ws.bundle_stage_names():
+        raise DataError(f"the bundle in {ws.bundle_dir} went through RL and {cfg.out} holds no earlier scores",
+                        "run the quickstart into a new --out folder to see scores before and after RL")
+    return evaluate.run(cfg)
+
+
 def run(cfg: QuickstartConfig) -> Path:
     preset = load_preset(cfg.preset)
     out = Path(cfg.out)
@@ -73,7 +89,6 @@ def run(cfg: QuickstartConfig) -> Path:
         stage_cfg = getattr(preset, field.name)
         if hasattr(stage_cfg, "run"):
             stage_cfg.run = run_cfg
-    preset.eval.out = str(out / "eval")
     t = StageTimer(out / "timings.json")
     t.run("corpus", lambda: corpus.run(preset.corpus))
     t.run("extract", lambda: extract.run(preset.extract))
@@ -83,13 +98,17 @@ def run(cfg: QuickstartConfig) -> Path:
     t.run("sft-av", lambda: sft_av.run(preset.sft_av))
     t.run("refit-dec", lambda: refit_dec.run(preset.refit_dec))
     t.run("add-model", lambda: add_model.run(preset.add_model))
-    result = t.run("eval", lambda: evaluate.run(preset.eval))
-    text = Path(result["files"]["markdown"]).read_text()
+    before = t.run("eval-sft", lambda: eval_before_rl(dataclasses.replace(preset.eval, out=str(out / "eval-sft"))))
+    t.run("rl", lambda: rl.run(preset.rl))
+    after = t.run("eval", lambda: evaluate.run(dataclasses.replace(preset.eval, out=str(out / "eval"))))
+    text = Path(after["files"]["markdown"]).read_text()
     randoms = [m.tag for m in preset.pool.models if m.source == "random"]
     header = (f"# nla-universal quickstart ({cfg.preset}: {preset.description})\n\nPool: trunk/anchor {preset.pool.anchor} "
               f"(real); held out {preset.add_model.model.tag} (real; only its adapters were fitted); "
-              f"{', '.join(randoms) or 'no random models'}: **random weights**, for architecture coverage only.\n\n")
-    sections = [header + text, diagnostics_markdown(out), timings_markdown(list(t.rows.values()))]
+              f"{', '.join(randoms) or 'no random models'}: **random weights**, for architecture coverage only. "
+              "The tables below are after RL; the SFT-only scores are beside them in *Before and after RL*.\n\n")
+    before_after = before_after_markdown(*(json.loads(Path(r["files"]["json"]).read_text()) for r in (before, after)))
+    sections = [header + text, before_after, diagnostics_markdown(out), timings_markdown(list(t.rows.values()))]
     io.write_text(out / "report.md", "\n\n".join(sections) + "\n")
     io.write_text(out / "fve_report.json", (out / "eval" / "fve_report.json").read_text())
     print(yaml.safe_dump({"report": str(out / "report.md"), "bundle": str(out / "bundle")}, sort_keys=False))

@@ -76,22 +76,52 @@ VECTOR_GAIN_FLOOR = 0.01
 
 
 def diagnostics_markdown(run_dir: Path) -> str:
-    """What the SFT stages learned, read from their stage records, with a plain verdict on the AV."""
+    """What the training stages learned, read from their stage records, with a plain verdict on the AV."""
     ar = json.loads((run_dir / "stages" / "sft-ar.json").read_text())
-    av = json.loads((run_dir / "stages" / "sft-av.json").read_text())["final"]
-    lines = ["## Training diagnostics", "", "| stage | measure (val split) | value |", "|---|---|---|",
-             f"| sft-ar | cos of the AR's prediction from the teacher's z, before → after | "
-             f"{ar['before']['cos']:.3f} → {ar['final']['cos']:.3f} |",
-             f"| sft-av | vector_gain: loss with another passage's vector − with the true one (nats/token) | "
-             f"{av['vector_gain']:+.4f} |",
-             f"| sft-av | distinct_z: share of distinct explanations in a sample | {av['distinct_z']:.2f} |", ""]
+    sft_av = json.loads((run_dir / "stages" / "sft-av.json").read_text())
+    av, input_map = sft_av["final"], sft_av.get("input_map")
+    lines = ["## Training diagnostics", "", "| stage | measure | value |", "|---|---|---|",
+             f"| sft-ar | cos of the AR's prediction from the teacher's z (val), before → after | "
+             f"{ar['before']['cos']:.3f} → {ar['final']['cos']:.3f} |"]
+    if input_map:
+        lines.append(f"| sft-av | input map: val FVE of the explanation's word bag from the vector (from another "
+                     f"passage's vector) | {input_map['val_fve']:.3f} ({input_map['val_fve_shuffled']:.3f}) |")
+    lines += [f"| sft-av | vector_gain: loss with another passage's vector − with the true one (val, nats/token) | "
+              f"{av['vector_gain']:+.4f} |",
+              f"| sft-av | distinct_z: share of distinct explanations in a val sample | {av['distinct_z']:.2f} |"]
+    rl_metrics = run_dir / "rl" / "metrics.jsonl"
+    if rl_metrics.is_file():
+        rows = [json.loads(line) for line in rl_metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            lines += [f"| rl | reward (−mse_nrm) first → last step | {rows[0]['reward_mean']:+.3f} → {rows[-1]['reward_mean']:+.3f} |",
+                      f"| rl | k3 KL to the SFT AV, last step | {rows[-1]['kl']:.4f} |",
+                      f"| rl | AR loss first → last step | {rows[0]['ar_loss']:.3f} → {rows[-1]['ar_loss']:.3f} |"]
+    lines.append("")
     if av["vector_gain"] < VECTOR_GAIN_FLOOR:
-        lines.append(f"**The AV does not read the injected vector yet** (vector_gain < {VECTOR_GAIN_FLOOR}): its "
-                     "explanations cannot carry passage-specific information, so Δ vs shuffled_z stays near 0 whatever "
-                     "the AR learns. Reading the vector comes only after many more AV SFT steps on many more "
-                     "passages than a CPU run affords (`--preset gpu` on a GPU; `tools/probes/av_steps.py` measures "
-                     "vector_gain along a long run).")
+        lines.append(f"**The AV does not read the injected vector** (vector_gain < {VECTOR_GAIN_FLOOR}): its explanations "
+                     "cannot carry passage-specific information, so Δ vs shuffled_z stays near 0 whatever the AR learns.")
     else:
         lines.append("The AV's loss depends on the vector it reads (vector_gain ≥ "
                      f"{VECTOR_GAIN_FLOOR}): its explanations can carry passage-specific information.")
+    return "\n".join(lines)
+
+
+def before_after_markdown(before: dict, after: dict) -> str:
+    """fve_centred and Δ vs shuffled_z per tag, after SFT (and refit) and after RL, side by side."""
+    lines = ["## Before and after RL (test split)", "",
+             "| tag | fve_centred after SFT [CI] | after RL [CI] | Δ vs shuffled_z after SFT [CI] | after RL [CI] | "
+             "distinct_z SFT → RL |", "|---|---|---|---|---|---|"]
+    for tag, a in after["tags"].items():
+        b = before["tags"].get(tag)
+        if b is None:
+            continue
+        cells = [tag]
+        for r in (b, a):
+            lo, hi = r["ci"]["fve_centred"]
+            cells.append(f"{r['metrics']['fve_centred']:.3f} [{lo:.3f}, {hi:.3f}]")
+        for r in (b, a):
+            d = r["vs_controls"]["shuffled_z"]
+            cells.append(f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
+        cells.append(f"{b.get('distinct_z', float('nan')):.2f} → {a.get('distinct_z', float('nan')):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
