@@ -11,7 +11,6 @@ import enum
 import logging
 from dataclasses import dataclass, replace
 
-import numpy as np
 
 from ..adapters import DEFAULT_RIDGE_GRID, AdapterFitConfig, fit_decoder
 from ..config import choices, opt

@@ -16,7 +16,6 @@ from ..config import choices, opt
 from ..distributed.config import RayConfig
 from ..errors import ConfigError
 from ..nla import path
-from ..nla.api import UniversalNLA
 from ..nla.bundle import read_meta, read_reports
 from ..train.rl import RLConfig, run_rl
 from ..train.rl_math import check_rl_settings

@@ -123,6 +123,17 @@ class ServerEngine(RolloutEngine):
         self._policy_prefix = policy_prefix or f"policy-{uuid.uuid4().hex[:6]}"
         self._versions = 0
 
+    @classmethod
+    def for_server(cls, server: "LocalServer", model_folder: str | Path, settings: ClientSettings | None = None,
+                   **kw: Any) -> "ServerEngine":
+        """A client of a server this process started (waits until it is ready), checking widths against the
+        model's hidden size."""
+        server.wait_ready()
+        settings = settings or ClientSettings()
+        if settings.hidden_size is None:
+            settings.hidden_size = hidden_size_of(model_folder)
+        return cls(server.url, server.identity.model, settings, **kw)
+
     # ------------------------------------------------------------------ protocol (subclasses)
 
     @abstractmethod

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..config import opt
 from .base import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams
-from .servers import BASE, ClientSettings, LocalServer, ServerEngine, ServerRefused, hidden_size_of
+from .servers import BASE, LocalServer, ServerEngine, ServerRefused
 
 # The keys of sglang.api.v1.SamplingParams (0.5.23) that this client may send.
 SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "n", "sampling_seed", "stop",
@@ -118,17 +118,6 @@ class SGLangRolloutEngine(ServerEngine):
 
     engine = "sglang"
     start_hint = "python -m sglang.launch_server --model-path MODEL --disable-radix-cache (a GPU machine)"
-
-    @classmethod
-    def for_server(cls, server: LocalServer, model_folder: str | Path, settings: ClientSettings | None = None,
-                   **kw: Any) -> "SGLangRolloutEngine":
-        """A client of a server started by `start_sglang` (waits until it is ready), checking widths against
-        the model's hidden size."""
-        server.wait_ready()
-        settings = settings or ClientSettings()
-        if settings.hidden_size is None:
-            settings.hidden_size = hidden_size_of(model_folder)
-        return cls(server.url, server.identity.model, settings, **kw)
 
     def _generate_chunk(self, prompts, sampling: SamplingParams, adapter: str, budget) -> list[Completion]:
         single = len(prompts) == 1

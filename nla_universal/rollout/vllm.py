@@ -43,7 +43,7 @@ import torch
 from ..config import opt
 from ..errors import ConfigError
 from .base import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams
-from .servers import BASE, ClientSettings, LocalServer, ServerEngine, hidden_size_of
+from .servers import BASE, ClientSettings, LocalServer, ServerEngine
 
 EMBEDS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 NEVER_LORA_TARGETS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")  # bug 1: never wrap embeddings
@@ -176,17 +176,6 @@ class VLLMRolloutEngine(ServerEngine):
         self.served_model = served_model
         self.embeds_dtype = EMBEDS_DTYPES[embeds_dtype]
         self.base_adapter: Optional[str] = None
-
-    @classmethod
-    def for_server(cls, server: LocalServer, model_folder: str | Path, settings: ClientSettings | None = None,
-                   **kw: Any) -> "VLLMRolloutEngine":
-        """A client of a server started by `start_vllm` (waits until it is ready), checking widths against
-        the model's hidden size."""
-        server.wait_ready()
-        settings = settings or ClientSettings()
-        if settings.hidden_size is None:
-            settings.hidden_size = hidden_size_of(model_folder)
-        return cls(server.url, server.identity.model, settings, **kw)
 
     def use_zero_base(self, like: str | Path, folder: str | Path, name: str = "base-zero") -> str:
         """Serve BASE requests through a zero-B copy of the adapter in `like`, written to `folder` (bug 2)."""
