@@ -92,6 +92,11 @@ def markdown(data: dict, extra_md: str = "") -> str:
         s = data["summary"][group]
         lines += ["", f"Mean over {s['n_tags']} tags: fve_centred {s['mean_fve_centred']:.3f}, "
                       f"fve_meannorm {s['mean_fve_meannorm']:.3f}, cos {s['mean_cos']:.3f}.", ""]
+    heads = {t: r["head_words_in_passage"] for t, r in data["tags"].items() if "head_words_in_passage" in r}
+    if heads:
+        lines += ["## Keyword heads", "", "Share of the head words the AV wrote that occur in their own passage, and "
+                  "in another passage of the same tag (the control).", "", "| tag | own passage | another passage |",
+                  "|---|---|---|", *(f"| {t} | {h['own']:.2f} | {h['other']:.2f} |" for t, h in heads.items()), ""]
     if extra_md:
         lines += [extra_md.strip(), ""]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .config import ModelSpec, opt
 from .corpus import SPLITS, read_passages, write_passages
 from .errors import ConfigError, DataError, NLAError
+from .heads import HeadKind, idf, keywords, with_head
 from .http import Budget, BudgetSpent, endpoint_id, redact_url
 from .teacher_http import ChatClient, ChatReply, EndpointDown, complete_all
 
@@ -87,6 +88,9 @@ class TeacherConfig:
     max_chars: int = opt(500, "explanations longer than this are invalid (dropped and counted)")
     max_input_chars: int = opt(2000, "passage text is cut to this many characters before prompting")
     splits: list[str] = opt(help="which splits get a z", factory=lambda: list(SPLITS))
+    head: HeadKind = opt(HeadKind.none, "what opens each explanation: none | keywords (the passage's top tf-idf words, "
+                         "computed here — a head the activation determines; nla_universal/heads.py)")
+    head_words: int = opt(3, "head=keywords: words in the head")
     replace: bool = opt(False, "discard explanations of another teacher already in passages.parquet")
 
 
@@ -117,6 +121,12 @@ def teacher_id(cfg: TeacherConfig) -> str:
     who = f"{cfg.model}@{endpoint_id(cfg.base_url)}" if cfg.backend == "openai" else cfg.model
     asked = "" if cfg.prompt == DEFAULT_PROMPT else f"+prompt-{hashlib.sha256(cfg.prompt.encode()).hexdigest()[:8]}"
     return f"{cfg.backend}:{who}{asked}"
+
+
+def explanation_id(cfg: TeacherConfig) -> str:
+    """The teacher id the z carry: a head makes other z than the same teacher's sentences alone."""
+    head = "" if cfg.head == HeadKind.none else f"+head-{cfg.head}{cfg.head_words}"
+    return teacher_id(cfg) + head
 
 
 def _strip_wrappers(text: str) -> str:
@@ -361,12 +371,13 @@ def teach(
     started = time.perf_counter()
     _check_config(cfg)
     api_key = _api_key(cfg) if cfg.backend == "openai" else None
-    tid = teacher_id(cfg)
+    tid = teacher_id(cfg)  # the replies' identity; the z's is explanation_id (a head changes z, not replies)
+    zid = explanation_id(cfg)
     path = Path(passages_path)
     table = read_passages(path)
     texts = table.column("text").to_pylist()
     splits = table.column("split").to_pylist()
-    earlier = _existing_z(table, tid, cfg, path)
+    earlier = _existing_z(table, zid, cfg, path)
     wanted = set(cfg.splits)
     eligible = [i for i, s in enumerate(splits) if s in wanted]
     kept = [i for i in eligible if earlier[i] is not None]
@@ -392,8 +403,9 @@ def teach(
                 _ask_hf(cfg, jobs, cache, bar, model_cache_dir)
 
     z: list[Optional[str]] = [earlier[i] if splits[i] in wanted else None for i in range(table.num_rows)]
-    report = TeachReport(teacher=tid, rows=table.num_rows, eligible=len(eligible), kept=len(kept),
+    report = TeachReport(teacher=zid, rows=table.num_rows, eligible=len(eligible), kept=len(kept),
                          from_cache=from_cache, requested=len(jobs), valid=0, invalid=0, failed=0, seconds=0.0)
+    idf_of = idf([t for t, s in zip(texts, splits) if s == "train"])
     for i, key in keys.items():
         reply = cache.replies.get(key)
         if reply is None:
@@ -402,6 +414,8 @@ def teach(
             report.failure_reasons[reason] = report.failure_reasons.get(reason, 0) + 1
             continue
         z[i] = validate_explanation(reply.text, min_chars=cfg.min_chars, max_chars=cfg.max_chars, truncated=reply.truncated)
+        if z[i] is not None and cfg.head == HeadKind.keywords:
+            z[i] = with_head(z[i], keywords(texts[i], idf_of, cfg.head_words))
         if z[i] is None:
             report.invalid += 1
             if len(report.invalid_examples) < 5:
@@ -417,7 +431,7 @@ def teach(
         )
     table = table.drop_columns([c for c in ("z", "teacher") if c in table.column_names])
     table = table.append_column("z", pa.array(z, pa.string()))
-    table = table.append_column("teacher", pa.array([tid if v is not None else None for v in z], pa.string()))
+    table = table.append_column("teacher", pa.array([zid if v is not None else None for v in z], pa.string()))
     write_passages(table, path)
-    log.info("teacher %s: %d valid, %d invalid, %d failed (%.1fs)", tid, report.valid, report.invalid, report.failed, report.seconds)
+    log.info("teacher %s: %d valid, %d invalid, %d failed (%.1fs)", zid, report.valid, report.invalid, report.failed, report.seconds)
     return report

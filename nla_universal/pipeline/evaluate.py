@@ -23,6 +23,7 @@ from ..config import choices, opt
 from ..corpus import split_ids
 from ..errors import DataError
 from ..evaluate import linear_ceiling_predictions, score_tag
+from ..heads import split_head
 from ..metrics import derangement, normalised_mean, normalize_rows, shuffled
 from ..nla.api import UniversalNLA
 from ..nla.bundle import read_meta
@@ -63,6 +64,7 @@ def train_mean(ws: Workspace, table, tag: str) -> np.ndarray:
 def score_bundle_tag(nla: UniversalNLA, ws: Workspace, table, tag: str, cfg: EvalConfig,
                      linear: PoolAdapters | None) -> tuple[dict, list[tuple[str, str, str]]]:
     test = ws.rows(table, tag, "test", need_z=False, limit=cfg.test_passages or None)
+    by_id = dict(zip(table.column("passage_id").to_pylist(), table.column("text").to_pylist()))
     if len(test) < 2:
         raise DataError(f"{tag}: {len(test)} test passages", "rebuild passages.parquet with a larger test split")
     z, parsed = explain_rows(nla, ws.root, tag, test.ids, test.H, greedy(cfg.max_new_tokens), cfg.generate_batch_size)
@@ -77,11 +79,12 @@ def score_bundle_tag(nla: UniversalNLA, ws: Workspace, table, tag: str, cfg: Eva
         controls["map_alone"] = nla.decode(nla.shared_from_text(map_alone_texts(nla, test, vocabulary(table))), tag).double().numpy()
     scores = score_tag(test.H, normalize_rows(pred), train_mean(ws, table, tag), controls, texts=z, n_boot=cfg.n_boot)
     scores["parsed_share"] = float(np.mean(parsed))
+    if any(split_head(t)[0] for t in test.z if t):
+        scores["head_words_in_passage"] = head_hits(z, [by_id[p] for p in test.ids])
     with_z = [i for i, z in enumerate(test.z) if z]
     if len(with_z) >= 2:
         scores["vector_gain"] = vector_gain(nla, TagRows(tag, [test.ids[i] for i in with_z], test.H[with_z],
                                                          [test.z[i] for i in with_z]), cfg.generate_batch_size)
-    by_id = dict(zip(table.column("passage_id").to_pylist(), table.column("text").to_pylist()))
     examples = [(by_id[p], zz, str(t or "")) for p, zz, t in zip(test.ids[:3], z[:3], test.z[:3])]
     return scores, examples
 
@@ -96,6 +99,17 @@ def vocabulary(table, limit: int = 2000) -> list[str]:
     if not counts:
         raise DataError("the train split holds no teacher explanations to read the input map with", "run `nla-universal teach`")
     return sorted(counts, key=lambda w: (-counts[w], w))[:limit]
+
+
+def head_hits(explanations: list[str], texts: list[str]) -> dict[str, float]:
+    """Share of the head words the AV wrote that occur in their own passage, and in another passage
+    (the control): a head the AV reads from the vector scores above its control."""
+    def share(pairs) -> float:
+        hits = [w in text.lower() for z, text in pairs for w in split_head(z)[0]]
+        return float(np.mean(hits)) if hits else 0.0
+
+    other = derangement(len(texts), seed=2)
+    return {"own": share(zip(explanations, texts)), "other": share((z, texts[j]) for z, j in zip(explanations, other))}
 
 
 def map_alone_texts(nla: UniversalNLA, rows: TagRows, vocab: list[str], k: int = 8) -> list[str]:
