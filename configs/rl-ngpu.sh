@@ -2,7 +2,6 @@
 # rl on N GPUs (NUM_GPUS, default 8, over any number of nodes): one GPU per role (policy,
 # reference, critic) and the other N-3 for rollout engines (ROLLOUT_ENGINES overrides). The driver
 # reserves no GPU; the stage's Ray actors take them.
-# The rl stage is being designed: its keys live only in PLACEMENT_ARGS and ROLLOUT_ARGS.
 # Usage: NUM_GPUS=8 [RUN_DIR=/shared/runs/x POOL=... RAY_ADDRESS=http://HEAD:8265] configs/rl-ngpu.sh [key=value ...]
 set -euo pipefail
 NUM_GPUS="${NUM_GPUS:-8}"
@@ -17,7 +16,7 @@ fi
 ROLLOUT_ENGINES="${ROLLOUT_ENGINES:-$((NUM_GPUS - 3))}"
 
 RUN_ARGS=(run.run_dir="$RUN_DIR" run.pool="$POOL" run.device="$DEVICE")
-PLACEMENT_ARGS=(rl.placement=per_role)
-ROLLOUT_ARGS=(rl.rollout_engines="$ROLLOUT_ENGINES")
+PLACEMENT_ARGS=(placement=per_role ray.enabled=true ray.address=auto ray.gpus_per_actor=1 ray.cpus_per_actor=1)
+ROLLOUT_ARGS=(ray.rollout_engines="$ROLLOUT_ENGINES")
 
 submit rl "${RUN_ARGS[@]}" "${PLACEMENT_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "$@"

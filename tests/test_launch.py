@@ -247,13 +247,13 @@ def dry_run(config: str, env: dict, *args: str) -> list[str]:
 
 STAGE_CONFIGS = {"extract.sh": "extract", "teach.sh": "teach", "fit-adapters.sh": "fit-adapters", "sft-ar.sh": "sft-ar",
                  "sft-av.sh": "sft-av", "refit-dec.sh": "refit-dec", "eval.sh": "eval"}
-RL_CONFIGS = {"rl-1gpu-colocated.sh": ("colocated", "1", "1"), "rl-3gpu-per-role.sh": ("per_role", "1", "3"),
+RL_CONFIGS = {"rl-1gpu-colocated.sh": ("colocated", "0", "1"), "rl-3gpu-per-role.sh": ("per_role", "0", "3"),
               "rl-ngpu.sh": ("per_role", "5", "8")}
 
 
 def test_every_config_submits_keys_its_stage_accepts(tmp_path, launch_env):
     """DRY_RUN=1 prints the `ray job submit` line; its stage arguments must load in the stage's schema."""
-    from nla_universal.cli import STAGES, _load_stage
+    from nla_universal.cli import _load_stage
 
     env = {k: v for k, v in launch_env.items() if k not in ("NUM_GPUS", "NUM_CPUS")}  # the configs' own defaults
     assert sorted(p.name for p in CONFIGS.glob("*.sh")) == sorted([*STAGE_CONFIGS, *RL_CONFIGS])
@@ -269,10 +269,10 @@ def test_every_config_submits_keys_its_stage_accepts(tmp_path, launch_env):
     for config, (placement, engines, gpus) in RL_CONFIGS.items():
         cmd = dry_run(config, env)
         entry = cmd[cmd.index("--") + 1:]
-        assert entry[3] == "rl" and f"rl.placement={placement}" in entry and f"rl.rollout_engines={engines}" in entry
+        assert entry[3] == "rl" and f"placement={placement}" in entry and f"ray.rollout_engines={engines}" in entry
+        assert "ray.enabled=true" in entry
         assert cmd[cmd.index("--entrypoint-num-gpus") + 1] == "0"  # the actors take the GPUs, not the driver
-        if "rl" in STAGES:
-            load_config(_load_stage("rl")[0], [], entry[4:])
+        load_config(_load_stage("rl")[0], [], entry[4:])
         # the GPUs it asks the cluster for: a head without GPUs refuses it before starting
         rc, out, _ = sh(CONFIGS / config, {**env, "NUM_CPUS": "1"}, timeout=60)
         assert rc == 2 and f"asks for NUM_GPUS={gpus} but this machine offers 0" in out, out
