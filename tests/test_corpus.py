@@ -63,8 +63,8 @@ def test_unreadable_corpus_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a parquet file")
     with pytest.raises(DataError, match="cannot read corpus file"):
         build_passages(CorpusConfig(source=str(bad)))
-    (tmp_path / "x.jsonl").write_text('{"text": "unterminated')
-    with pytest.raises(DataError, match="cannot read corpus file"):
+    (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"text": "unterminated')
+    with pytest.raises(DataError, match=r"x\.jsonl:2 is not JSON"):
         build_passages(CorpusConfig(source=str(tmp_path / "x.jsonl")))
 
 
@@ -73,10 +73,10 @@ def test_corpus_cli_writes_passages_and_refuses_to_clobber(tmp_path, capsys):
     src.mkdir()
     (src / "a.txt").write_text("\n\n".join(PARA * 3 + str(i) for i in range(12)))
     run = tmp_path / "run"
-    assert main(["corpus", f"run_dir={run}", f"corpus.source={src}", "corpus.min_chars=100", "corpus.max_chars=300"]) == 0
+    assert main(["corpus", f"run.run_dir={run}", f"corpus.source={src}", "corpus.min_chars=100", "corpus.max_chars=300"]) == 0
     assert read_passages(run / "passages.parquet").num_rows == 12
     (src / "a.txt").write_text("\n\n".join(PARA * 3 + str(i) for i in range(12, 20)))
-    assert main(["corpus", f"run_dir={run}", f"corpus.source={src}", "corpus.min_chars=100", "corpus.max_chars=300"]) == 2
+    assert main(["corpus", f"run.run_dir={run}", f"corpus.source={src}", "corpus.min_chars=100", "corpus.max_chars=300"]) == 2
     assert "different passages" in capsys.readouterr().err
     assert read_passages(run / "passages.parquet").num_rows == 12
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
