@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -110,3 +111,23 @@ def manifest_problems(folder: str | os.PathLike, expected: dict[str, dict], skip
 def manifest_names(folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Files under `folder` (relative posix paths), except the names in `skip`, sorted."""
     return [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip]
+
+
+MANIFEST = "manifest.json"
+
+
+def seal(folder: str | os.PathLike) -> None:
+    """Write `manifest.json` — the size and sha256 of every other file — last: the folder's completion record."""
+    write_text(Path(folder) / MANIFEST, json.dumps({"files": manifest(folder, skip=(MANIFEST,))}, indent=1))
+
+
+def seal_problems(folder: str | os.PathLike) -> list[str] | None:
+    """What differs from the folder's manifest (missing, changed, unexpected files); None when it has none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        expected = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{MANIFEST} is corrupt"]
+    return manifest_problems(folder, expected, skip=(MANIFEST,))

@@ -34,7 +34,7 @@ from .markers import MarkerSpec
 KIND = "nla_universal"
 SCHEMA_VERSION = 1
 META_FILE = "nla_meta.yaml"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = io.MANIFEST
 FVE_REPORT_FILE = "fve_report.json"
 REQUIRED_FILES = (
     "av/adapter_config.json",
@@ -173,18 +173,13 @@ def _check_file(path: Path) -> None:
 
 def check_manifest(folder: Path) -> None:
     """Every file the bundle was written with is there, unchanged, and nothing else is."""
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
+    problems = io.seal_problems(folder)
+    if problems is None:
         raise DataError(
             f"bundle {folder} has no {MANIFEST_FILE}: it was cut short while being written, or written by an older "
             "nla-universal",
             "rerun the stage that wrote it (or copy the bundle folder again, whole)",
         )
-    try:
-        expected = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is corrupt ({type(exc).__name__})", _RESAVE) from None
-    problems = io.manifest_problems(folder, expected, skip=(MANIFEST_FILE,))
     if problems:
         raise DataError(
             f"bundle {folder} is not the one that was written: {'; '.join(problems[:4])}",
@@ -259,5 +254,5 @@ def write_bundle(folder: str | Path, meta: NLAMeta, av, ar, adapters, reports: d
         for rel, report in (reports or {}).items():
             io.write_text(tmp / rel, json.dumps(report, indent=2))
         io.write_yaml(tmp / META_FILE, meta.to_dict())
-        io.write_text(tmp / MANIFEST_FILE, json.dumps({"files": io.manifest(tmp, skip=(MANIFEST_FILE,))}, indent=1))
+        io.seal(tmp)
     return folder

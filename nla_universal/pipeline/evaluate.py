@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import io
 from ..adapters import PoolAdapters
 from ..config import choices, opt
 from ..corpus import split_ids
@@ -174,7 +175,7 @@ def run(cfg: EvalConfig) -> dict:
         return {"results": st.record["results"], "files": {k: Path(v) for k, v in st.record["files"].items()}}
     table = ws.passages()
     nla = ws.open_bundle("sft-ar", "sft-av", "refit-dec")
-    linear = ws.adapters() if (ws.adapters_dir / "manifest.json").is_file() else None
+    linear = ws.adapters() if (ws.adapters_dir / io.MANIFEST).is_file() else None
     tags = cfg.tags or list(nla.meta.tags)
     results, examples = {}, {}
     for tag in tags:

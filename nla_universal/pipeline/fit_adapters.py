@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import io
 from ..adapters import DEFAULT_RIDGE_GRID, SUMMARY_KEYS, AdapterFitConfig, anchor_adapters, fit_tag
 from ..config import opt
 from ..corpus import split_ids
@@ -39,7 +40,7 @@ def summarise(report: dict) -> dict:
 def run(cfg: FitAdaptersConfig) -> Path:
     ws = Workspace(cfg.run)
     st = ws.stage(STAGE, cfg)
-    if st.done and (ws.adapters_dir / "manifest.json").is_file():
+    if st.done and io.seal_problems(ws.adapters_dir) == []:
         return ws.adapters_dir
     pool = ws.pool
     passages = ws.passages()

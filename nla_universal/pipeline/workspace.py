@@ -35,7 +35,7 @@ from ..corpus import read_passages
 from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from ..nla.api import UniversalNLA
-from ..nla.bundle import MANIFEST_FILE, NLAMeta, read_reports, write_bundle
+from ..nla.bundle import NLAMeta, read_reports, write_bundle
 from ..teacher import check_single_teacher
 from .rows import TagRows, tag_rows
 
@@ -129,9 +129,9 @@ class Workspace:
     def adapters(self) -> PoolAdapters:
         """The fitted adapters of fit-adapters (and add-model), checked against their manifest."""
         folder = self.adapters_dir
-        if not (folder / MANIFEST_FILE).is_file():
+        problems = io.seal_problems(folder)
+        if problems is None:
             raise DataError(f"no complete fitted adapters in {folder}", "run `nla-universal fit-adapters` (it writes them whole)")
-        problems = io.manifest_problems(folder, json.loads((folder / MANIFEST_FILE).read_text())["files"], skip=(MANIFEST_FILE,))
         if problems:
             raise DataError(f"{folder} is not what fit-adapters wrote: {'; '.join(problems[:4])}", "rerun `nla-universal fit-adapters`")
         return PoolAdapters.load(folder)
@@ -145,7 +145,7 @@ class Workspace:
             adapters.save(tmp)
             for name, report in reports.items():
                 io.write_text(tmp / name, json.dumps(report, indent=2))
-            io.write_text(tmp / MANIFEST_FILE, json.dumps({"files": io.manifest(tmp, skip=(MANIFEST_FILE,))}, indent=1))
+            io.seal(tmp)
 
     # ------------------------------------------------------------------ records
 
