@@ -84,8 +84,10 @@ class HTTPError(NLAError):
     """A call that failed; `problem` names the method, the redacted URL and what went wrong."""
 
     def __init__(self, problem: str, *, url: str = "", phase: str = "", retryable: bool = False,
-                 retry_after: Optional[float] = None, status: Optional[int] = None, fix: Optional[str] = None):
+                 retry_after: Optional[float] = None, status: Optional[int] = None, fix: Optional[str] = None,
+                 body: str = ""):
         super().__init__(problem, fix)
+        self.body = body  # the start of an error reply's body (secrets scrubbed): the server's own words
         self.url = redact_url(url) if url else ""
         self.phase = phase
         self.retryable = retryable
@@ -362,10 +364,10 @@ def _raise_status(call: _Call, reply: http.client.HTTPResponse) -> None:
         raise call.error(HTTPError, f"HTTP {reply.status}: redirected to {where}", status=reply.status,
                          fix="use the URL it redirects to")
     try:  # the status is the story: a body that is slow to come must not turn it into a timeout
-        detail = reply.read(2048)[:200].decode("utf-8", "replace").strip()
+        body = _scrub(reply.read(2048).decode("utf-8", "replace").strip(), call.secrets)
     except (OSError, http.client.HTTPException):
-        detail = ""
-    raise call.error(StatusError, f"HTTP {reply.status}: {detail}", status=reply.status,
+        body = ""
+    raise call.error(StatusError, f"HTTP {reply.status}: {body[:200]}", status=reply.status, body=body,
                      retryable=reply.status in RETRYABLE_STATUS or reply.status >= 500,
                      retry_after=parse_retry_after(reply.getheader("Retry-After")))
 

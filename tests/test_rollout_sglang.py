@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from nla_universal import http
 from nla_universal.config import ModelSpec

@@ -75,11 +75,8 @@ class ServerIdentity:
 
 
 def server_message(exc: http.HTTPError) -> str:
-    """The server's own words from an HTTP error: the `message` (or string `error`) of its JSON body.
-
-    TEMPORARY SHIM, remove when `http.StatusError` carries its body: the detail is read back from
-    the error text, where http.py keeps only the first 200 characters of the body."""
-    detail = exc.problem.split(f"HTTP {exc.status}: ", 1)[-1] if exc.status else exc.problem
+    """The server's own words from an HTTP error: the `message` (or string `error`) of its JSON body."""
+    detail = exc.body or exc.problem
     found = re.search(r'"(?:message|error)"\s*:\s*"((?:[^"\\]|\\.)*)', detail)
     if not found:
         return detail
