@@ -48,3 +48,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A tiny run folder (tests/tiny_run.py): passages with z, activations, fitted adapters. Copy before changing it."""
+    from tiny_run import make_prepared
+
+    return make_prepared(tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture(scope="session")
+def refitted(prepared, tmp_path_factory):
+    """The tiny run after sft-ar, sft-av and refit-dec: a bundle ready for RL. Copy before changing it."""
+    from tiny_run import make_refitted
+
+    return make_refitted(prepared, tmp_path_factory.mktemp("rl") / "run")

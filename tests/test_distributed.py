@@ -16,8 +16,7 @@ from nla_universal.errors import ConfigError, NLAError  # noqa: E402
 from nla_universal.pipeline import rl  # noqa: E402
 from nla_universal.rollout.servers import ServerError  # noqa: E402
 from nla_universal.train.rl import RLConfig  # noqa: E402
-from test_rl import TINY_RL, fresh_copy, metric_lines, refitted, trained_tensors  # noqa: E402,F401
-from test_stages import prepared, run_cfg  # noqa: E402,F401
+from tiny_run import TINY_RL, fresh_copy, metric_lines, run_cfg, trained_tensors  # noqa: E402
 
 ray = pytest.importorskip("ray")
 import ray.util.state  # noqa: E402  (the state API is a submodule)
@@ -44,14 +43,14 @@ def ray_cfg(run, placement: str, **ray_kw) -> rl.RLStageConfig:
 
 
 @pytest.fixture(scope="module")
-def in_process(refitted, tmp_path_factory):  # noqa: F811
+def in_process(refitted, tmp_path_factory):
     run = fresh_copy(refitted, tmp_path_factory.mktemp("inproc") / "run")
     rl.run(rl.RLStageConfig(run=run_cfg(run), rl=RLConfig(**TINY_RL), placement="colocated"))
     return run
 
 
 @pytest.mark.parametrize("placement", ["colocated", "per_role"])
-def test_the_ray_run_equals_the_in_process_run_step_for_step(refitted, in_process, tmp_path, placement):  # noqa: F811
+def test_the_ray_run_equals_the_in_process_run_step_for_step(refitted, in_process, tmp_path, placement):
     run = fresh_copy(refitted, tmp_path / "run")
     rl.run(ray_cfg(run, placement))
     assert metric_lines(run) == metric_lines(in_process)
@@ -60,7 +59,7 @@ def test_the_ray_run_equals_the_in_process_run_step_for_step(refitted, in_proces
     assert not [a for a in ray.util.state.list_actors() if a.state == "ALIVE"], "the driver kills its actors"
 
 
-def test_a_critic_killed_by_pid_mid_run_restarts_and_the_weights_are_unchanged(refitted, in_process, tmp_path,  # noqa: F811
+def test_a_critic_killed_by_pid_mid_run_restarts_and_the_weights_are_unchanged(refitted, in_process, tmp_path,
                                                                                 monkeypatch):
     run = fresh_copy(refitted, tmp_path / "run")
     real_checkpoint = RayRoles.checkpoint
@@ -82,7 +81,7 @@ def test_a_critic_killed_by_pid_mid_run_restarts_and_the_weights_are_unchanged(r
     assert [r["step"] for r in metric_lines(run)] == [1, 2, 3] and metric_lines(run) == metric_lines(in_process)
 
 
-def test_bad_placements_are_refused_before_any_work(refitted, tmp_path):  # noqa: F811
+def test_bad_placements_are_refused_before_any_work(refitted, tmp_path):
     run = fresh_copy(refitted, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"GPU asked, 0 in the cluster.*nothing was started"):
         rl.run(ray_cfg(run, "per_role", gpus_per_actor=1.0))
@@ -95,7 +94,7 @@ def test_bad_placements_are_refused_before_any_work(refitted, tmp_path):  # noqa
     assert not (run / "rl" / "checkpoints").exists()
 
 
-def test_a_head_that_is_not_running_is_a_clear_error(refitted, tmp_path):  # noqa: F811
+def test_a_head_that_is_not_running_is_a_clear_error(refitted, tmp_path):
     from nla_universal.distributed.driver import connect
 
     ray.shutdown()

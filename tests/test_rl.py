@@ -3,35 +3,27 @@ bad input, and a toy task where the reward depends on the vector."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from nla_universal.errors import ConfigError, DataError
 from nla_universal.nla import UniversalNLA
-from nla_universal.pipeline import refit_dec, rl
-from nla_universal.pipeline.refit_dec import RefitConfig
+from nla_universal.pipeline import rl
 from nla_universal.rollout import SamplingParams
 from nla_universal.train.rl import RLConfig
 from nla_universal.train.rl_math import group_advantages, kl_k3, policy_loss, reward
 from nla_universal.train.rl_roles import LocalRoles, PolicyRole, ReferenceRole
-from test_stages import av_sft, ar_sft, copy_run, prepared, run_cfg  # noqa: F401  (prepared is a fixture)
+from tiny_run import TINY_RL, ar_sft, av_sft, copy_run, fresh_copy, metric_lines, rl_cfg, run_cfg, trained_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # A random trunk never closes its <explanation> tags: its samples are scored on their raw text.
-TINY_RL = dict(steps=3, prompts_per_step=2, group_size=3, max_new_tokens=6, av_lr=1e-3, ar_lr=1e-3, warmup_steps=1,
-               checkpoint_every=1, penalise_failed=False)
-
-
 # ---------------------------------------------------------------------------------------------- math
 
 
@@ -73,41 +65,6 @@ def test_reward_penalises_failed_and_non_finite_samples():
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-
-
-@pytest.fixture(scope="module")
-def refitted(prepared, tmp_path_factory) -> Path:  # noqa: F811
-    """A tiny run whose bundle went through sft-ar, sft-av and refit-dec."""
-    run = copy_run(prepared, tmp_path_factory.mktemp("rl") / "run")
-    ar_sft(run, steps=2)
-    av_sft(run, input_map="none")
-    refit = RefitConfig(run=run_cfg(run), train_passages=16, val_passages=4, max_new_tokens=4)
-    refit.fit.min_overlap = 8
-    refit_dec.run(refit)
-    return run
-
-
-def fresh_copy(refitted: Path, dst: Path) -> Path:
-    shutil.copytree(refitted, dst, ignore=shutil.ignore_patterns("rl", "explanations"))
-    (dst / "stages" / "rl.json").unlink(missing_ok=True)
-    return dst
-
-
-def rl_cfg(run: Path, placement: str, **kw) -> rl.RLStageConfig:
-    return rl.RLStageConfig(run=run_cfg(run), rl=RLConfig(**{**TINY_RL, **kw}), placement=placement)
-
-
-def metric_lines(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "seconds")}
-            for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
-
-
-def trained_tensors(run: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for part in ("av", "ar"):
-        for f in sorted((run / "bundle" / part).glob("*.safetensors")):
-            out.update({f"{part}/{f.name}:{k}": v for k, v in load_file(str(f)).items()})
-    return out
 
 
 def test_colocated_and_separate_give_bit_identical_steps(refitted, tmp_path):
@@ -184,7 +141,7 @@ def test_kill_9_mid_rl_then_rerun_gives_the_uninterrupted_weights(refitted, tmp_
     assert [r["step"] for r in metric_lines(killed)] == [1, 2, 3, 4] and metric_lines(killed) == metric_lines(clean)
 
 
-def test_bad_input_is_refused_before_any_step(refitted, tmp_path, prepared):  # noqa: F811
+def test_bad_input_is_refused_before_any_step(refitted, tmp_path, prepared):
     run = fresh_copy(refitted, tmp_path / "run")
     with pytest.raises(ConfigError, match="group_size=1"):
         rl.run(rl_cfg(run, "colocated", group_size=1))

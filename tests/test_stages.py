@@ -2,7 +2,6 @@
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -12,88 +11,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nla_universal.config import CorpusConfig, ModelSpec
-from nla_universal.corpus import build_passages, read_passages, write_passages
+from nla_universal.config import ModelSpec
+from nla_universal.corpus import read_passages, write_passages
 from nla_universal.errors import ConfigError, DataError
-from nla_universal.nla.av import AVConfig
-from nla_universal.nla.lora import LoraSettings
-from nla_universal.pipeline import add_model, evaluate, extract, fit_adapters, refit_dec, sft_ar, sft_av
+from nla_universal.pipeline import add_model, evaluate, refit_dec, sft_ar, sft_av
 from nla_universal.pipeline.add_model import AddModelConfig
 from nla_universal.pipeline.evaluate import EvalConfig
 from nla_universal.pipeline.refit_dec import RefitConfig
-from nla_universal.pipeline.sft_ar import ARSFTConfig, BundleInitConfig
 from nla_universal.pipeline.sft_av import AVSFTConfig
 from nla_universal.pipeline.workspace import RunConfig
 from nla_universal.train import loop as loop_module
 from nla_universal.train.loop import LoopConfig
 from nla_universal.train.sft import collapse_alarm, swapped_vectors
 
+from tiny_run import POOL, FAST, ar_sft, av_sft, bundle_tensors, copy_run, run_cfg
+
 run_sft_ar, run_sft_av, run_refit_dec, run_add_model, run_eval = sft_ar.run, sft_av.run, refit_dec.run, add_model.run, evaluate.run
-
-TEACHER = "fixture:first-sentence"
-POOL = {"anchor": "tiny-llama", "models": [
-    {"tag": "tiny-llama", "source": "random", "name": "llama", "layer": 1},
-    {"tag": "tiny-gpt2", "source": "random", "name": "gpt2", "layer": 1},
-]}
-FAST = dict(batch_size=4, eval_every=0, checkpoint_every=2, autocast="off", warmup_steps=1)
-
-
-def first_sentence(text: str) -> str:
-    """A deterministic stand-in teacher: the passage's first sentence (real text, passage-specific)."""
-    return re.split(r"(?<=[.!?])\s", " ".join(text.split()))[0][:160]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """passages with z, activations and fitted adapters for the tiny pool."""
-    run = tmp_path_factory.mktemp("tiny-run")
-    table = build_passages(CorpusConfig(max_passages=120))
-    z = [first_sentence(t) for t in table.column("text").to_pylist()]
-    table = table.append_column("z", pa.array(z)).append_column("teacher", pa.array([TEACHER] * len(z)))
-    write_passages(table, run / "passages.parquet")
-    (run / "pool.yaml").write_text(yaml.safe_dump(POOL))
-    extract.run(extract.ExtractConfig(run=run_cfg(run)))
-    fit = fit_adapters.FitAdaptersConfig(run=run_cfg(run))
-    fit.fit.min_overlap = 8
-    fit_adapters.run(fit)
-    return run
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for name in ("passages.parquet", "pool.yaml"):
-        (dst / name).write_bytes((src / name).read_bytes())
-    for sub in ("activations", "adapters", "stages"):
-        for f in (src / sub).rglob("*"):
-            if f.is_file():
-                (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-                (dst / f.relative_to(src)).write_bytes(f.read_bytes())
-    return dst
-
-
-def run_cfg(run: Path) -> RunConfig:
-    return RunConfig(run_dir=str(run), pool=str(run / "pool.yaml"))
-
-
-def small_init() -> BundleInitConfig:
-    return BundleInitConfig(av=AVConfig(lora=LoraSettings(r=4, alpha=8)))
-
-
-def ar_sft(run: Path, steps: int, lr: float = 3e-3) -> dict:
-    return run_sft_ar(ARSFTConfig(run=run_cfg(run), init=small_init(), loop=LoopConfig(steps=steps, lr=lr, **FAST), val_passages=8))
-
-
-def av_sft(run: Path, steps: int = 1, **kw) -> dict:
-    return run_sft_av(AVSFTConfig(run=run_cfg(run), loop=LoopConfig(steps=steps, lr=3e-3, **FAST), val_passages=8,
-                                  collapse_sample=4, max_new_tokens=6, **kw))
-
-
-def bundle_tensors(run: Path, part: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted((run / "bundle" / part).glob("*.safetensors")):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
-    return out
-
 
 def test_ar_sft_lowers_the_val_loss(prepared, tmp_path):
     run = copy_run(prepared, tmp_path / "run")
