@@ -15,6 +15,7 @@ from typing import Optional
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -80,13 +81,15 @@ def load_lora(model: nn.Module, folder: str | Path, trainable: bool = True) -> P
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def save_adapter(model: PeftModel, name: str, folder: str | Path) -> None:
+def save_adapter(model: PeftModel, name: str, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """One named adapter of a (possibly multi-adapter) model as a standalone peft folder.
 
-    peft's own save writes every adapter, the non-default ones into subfolders; a bundle keeps one per part."""
+    peft's own save writes every adapter, the non-default ones into subfolders; a bundle keeps one per part.
+    `state` replaces the model's own adapter tensors (the full ones gathered from FSDP shards)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    if state is None:
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
     with io.atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     model.peft_config[name].save_pretrained(str(folder))  # adapter_config.json, small: written in place
