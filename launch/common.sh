@@ -18,6 +18,8 @@
 #                      local head's Python lacks the package)
 #   FORWARD_ENV        names of variables the job gets when they are set here
 #   RAY_CHECK_TIMEOUT_S  deadline of each check against the cluster (default 60)
+#   SUBMIT_MODULE      run `python -m SUBMIT_MODULE FLAGS` instead of the CLI stage (the Miles driver);
+#                      the stage name then only names the job
 set -euo pipefail
 
 NLA_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -345,7 +347,12 @@ submit() {
   if wants_working_dir "$local_head"; then cmd+=(--working-dir "$NLA_REPO"); fi
   local job_python="${JOB_PYTHON:-python}"
   [[ -z "$local_head" ]] || job_python="${JOB_PYTHON:-$PYTHON}"
-  cmd+=(-- "$job_python" -m nla_universal.cli "$stage" "$@")
+  # The CLI takes the stage as its first argument; another module (SUBMIT_MODULE) gets only the flags.
+  if [[ -n "${SUBMIT_MODULE:-}" ]]; then
+    cmd+=(-- "$job_python" -m "$SUBMIT_MODULE" "$@")
+  else
+    cmd+=(-- "$job_python" -m nla_universal.cli "$stage" "$@")
+  fi
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     JOB_DONE=1
     printf '%q ' "${cmd[@]}"
