@@ -31,7 +31,10 @@ from .metrics import fve_centred, fve_meannorm, normalised_mean, normalize_rows
 
 WEIGHTS_FILE = "adapters.safetensors"
 META_FILE = "adapters.json"
-DEFAULT_RIDGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # λ choices scored on val by stages that have val rows
+# λ choices scored on val by stages that have val rows. It reaches λ ≫ mean(diag XᵀX) because refit-dec fits
+# d_shared inputs from a few dozen rows, the AR's readings of a near-collapsed AV: there the best fit is
+# (almost) the intercept; a grid ending at 0.1 always chose its edge there, and the fit amplified the AR's noise.
+DEFAULT_RIDGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 SUMMARY_KEYS = ("N", "solver", "ridge", "condition", "fallback", "val")
 
 
@@ -44,7 +47,7 @@ class AdapterFitConfig:
     ridge: float = opt(0.0, "ridge strength λ as a multiple of mean(diag XᵀX); 0 = plain least squares")
     ridge_grid: list[float] = opt(
         help="candidate ridge strengths (replaces `ridge`): each is fitted on train, the best val "
-        "fve_centred is kept and every candidate's score is reported (e.g. [0, 1e-4, 1e-3, 1e-2, 1e-1])",
+        "fve_centred is kept and every candidate's score is reported (e.g. [0, 1e-3, 1e-1, 10])",
         factory=list,
     )
     min_overlap: int = opt(32, "fewest train passages a tag must share with the anchor")

@@ -3,7 +3,7 @@
 A preset (`nla_universal/configs/presets/<name>.yaml`, or any YAML path) holds the pool, the held-out
 model and one section per stage, each loaded through the same typed loader as the stage's own CLI
 config. Stages: corpus → extract → teach → fit-adapters → sft-ar → sft-av → refit-dec → add-model
-(the held-out model) → eval. Every stage skips or resumes what is already done, so rerunning an
+(the held-out model) → eval (into eval-sft/) → rl → eval (into eval/). Every stage skips or resumes what is already done, so rerunning an
 interrupted (or finished) quickstart continues where it stopped.
 """
 
