@@ -137,13 +137,12 @@ def _plot(data: dict, path: Path) -> bool:
         ax.set_title(f"{name} models")
     axes[0][0].set_ylabel("fve_centred (test split)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize="small")
-    if any(r["random_weights"] for r in data["tags"].values()):
-        fig.text(0.01, 0.96, "* random weights", fontsize="small")
-    fig.suptitle(data["title"])
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(series)), fontsize="small")
+    random_note = "\n* random weights" if any(r["random_weights"] for r in data["tags"].values()) else ""
+    fig.suptitle(data["title"] + random_note, fontsize="medium")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    with io.atomic_path(path) as tmp:  # tight: a long title or legend is never cut off
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
