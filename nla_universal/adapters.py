@@ -15,6 +15,7 @@ carries a bias that puts its model's mean back.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from .config import check_tag, opt
 from .errors import DataError
 from .lstsq import FitResult, fit_linear_path
 from .metrics import fve_centred, fve_meannorm, normalised_mean, normalize_rows
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "adapters.safetensors"
 META_FILE = "adapters.json"
@@ -251,8 +254,12 @@ def _fit_rows(kind: str, tag: str, X, Y, Xv, Yv, cfg: AdapterFitConfig, names: t
     if len(fits) > 1:
         scores = [fve_centred(Yv, f.predict(Xv), mu) for f in fits]
         best = int(np.argmax(scores))
+        at_top = best == len(grid) - 1
+        if at_top:  # the val optimum may lie beyond the grid: say so rather than report it as the best
+            log.warning("%s %s: val chose the largest ridge of the grid (%g); a larger one may fit better "
+                        "(extend fit.ridge_grid)", kind, tag, grid[best])
         fits, grid = [fits[best]], [grid[best]]
-        selection = {"ridge_selection": {"grid": list(cfg.ridge_grid), "val_fve_centred": scores}}
+        selection = {"ridge_selection": {"grid": list(cfg.ridge_grid), "val_fve_centred": scores, "at_top": at_top}}
     fit = fits[0]
     report = {"fit": kind, "tag": tag, "N": len(X), "d_in": X.shape[1], "d_out": Y.shape[1], **fit.summary(),
               "ridge": grid[0], **selection, **_fve_report(fit, X, Y, Xv, Yv, mu)}

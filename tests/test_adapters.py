@@ -305,6 +305,10 @@ def test_ridge_grid_is_chosen_on_val(tmp_path):
     assert report["ridge"] == grid[int(np.argmax(scores))] != 0.0
     assert report["val"]["fve_centred"] == pytest.approx(max(scores))
     assert max(scores) > scores[0] + 0.02
+    assert report["ridge_selection"]["at_top"] == (report["ridge"] == grid[-1])
+    short = grid[:grid.index(report["ridge"]) + 1]  # a grid that stops at the val optimum is flagged
+    _, edge = fit_encoder(model, anchor, train, val, AdapterFitConfig(ridge_grid=short))
+    assert edge["ridge"] == short[-1] and edge["ridge_selection"]["at_top"]
     with pytest.raises(DataError, match="ridge_grid needs val rows"):
         fit_encoder(model, anchor, train, [], AdapterFitConfig(ridge_grid=grid))
 
