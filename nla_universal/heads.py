@@ -1,7 +1,7 @@
 """An explanation's head: a few words that the activation itself determines, written before the sentence.
 
 Why: the AV reads coarse, vector-determined content first (a class, a token, the words the input
-map predicts: reference/av-reading.md), while the teacher's free sentence depends on the passage's
+map predicts: README, "Why, measured"), while the teacher's free sentence depends on the passage's
 fine detail. A head of the passage's most telling words — its top tf-idf words, idf over the train
 split — gives the AV a target it can read early and the AR words that carry the passage. The head is
 extractive (computed here from the text), so it costs no teacher call and never drifts in format.

@@ -2,7 +2,7 @@
 token-embedding space.
 
 Why: injected raw, a vector is a point the embedding layer never produces, and a small AV trained
-for tens of steps learns to ignore it (vector_gain ≈ 0, measured; reference/av-reading.md). Mapped
+for tens of steps learns to ignore it (vector_gain ≈ 0, measured: README, "Why, measured"). Mapped
 by ridge least squares onto the mean embedding of its explanation's words (the "bag"), it lands
 where the embedding layer already means something, and the trunk reads it from the first steps.
 The map is applied on the trainer side before injection (`AV.input_rows`), so every engine that
