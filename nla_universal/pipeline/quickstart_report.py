@@ -98,8 +98,9 @@ def diagnostics_markdown(run_dir: Path) -> str:
                       f"| rl | AR loss first → last step | {rows[0]['ar_loss']:.3f} → {rows[-1]['ar_loss']:.3f} |"]
     lines.append("")
     if av["vector_gain"] < VECTOR_GAIN_FLOOR:
-        lines.append(f"**The AV does not read the injected vector** (vector_gain < {VECTOR_GAIN_FLOOR}): its explanations "
-                     "cannot carry passage-specific information, so Δ vs shuffled_z stays near 0 whatever the AR learns.")
+        lines.append(f"**The AV does not read the injected vector** (vector_gain < {VECTOR_GAIN_FLOOR}): its loss on the "
+                     "teacher's z is the same with another passage's vector, so the explanations carry at most the "
+                     "vector's rough kind (a few distinct explanations), not its passage; read Δ vs shuffled_z with that.")
     else:
         lines.append("The AV's loss depends on the vector it reads (vector_gain ≥ "
                      f"{VECTOR_GAIN_FLOOR}): its explanations can carry passage-specific information.")
