@@ -116,3 +116,14 @@ def test_a_bundle_keeps_its_map(tmp_path):
 def test_the_mapped_row_is_injected_at_the_injection_scale(av):
     embeds, _ = av.prompt_embeds(torch.randn(1, 64), [TAG])
     assert math.isclose(float(injected_row(embeds, av, 0).norm()), av.injection_scale, rel_tol=1e-5)
+
+
+def test_a_ridge_chosen_at_the_top_of_the_grid_is_flagged(caplog):
+    """Targets unrelated to the vectors: val prefers the strongest shrinkage, which may lie beyond the grid."""
+    rng = np.random.default_rng(1)
+    V, Y = rng.standard_normal((60, 40)), rng.standard_normal((60, 6))
+    _, noise = fit_input_map(V[:40], Y[:40], V[40:], Y[40:])
+    assert noise["at_top"] and noise["ridge"] == max(noise["ridge_grid"]) and "largest ridge" in caplog.text
+    W = rng.standard_normal((6, 40))
+    _, signal = fit_input_map(V[:40], V[:40] @ W.T, V[40:], V[40:] @ W.T)
+    assert not signal["at_top"]
