@@ -43,6 +43,11 @@ class Pooling(enum.StrEnum):
     positions = "positions"
 
 
+class Unit(enum.StrEnum):
+    passage = "passage"  # one row per passage
+    token = "token"  # rows are passage prefixes ending at a word: per-token vectors (nla_universal/token_rows.py)
+
+
 class DType(enum.StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -127,6 +132,10 @@ class CorpusConfig:
     max_chars: int = opt(2000, "cut passages longer than this at a sentence or word boundary")
     val_fraction: float = opt(0.1, "share of passages in val (by hash of the passage id)")
     test_fraction: float = opt(0.1, "share of passages in test (by hash of the passage id)")
+    unit: Unit = opt(Unit.passage, f"{choices(Unit)}: what a row is; token rows are prefixes ending at a sampled "
+                     "word (every pool entry then uses pool=last, and the teacher backend=context)")
+    tokens_per_passage: int = opt(1, "unit=token: word ends sampled per passage (its rows share its split)")
+    min_context_words: int = opt(5, "unit=token: words of context before the first word end that may be sampled")
 
 
 def check_tag(tag: str) -> str:

@@ -19,10 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import io
-from .config import CorpusConfig
+from .config import CorpusConfig, Unit
 from .errors import DataError
+from .token_rows import token_rows
 
 SPLITS = ("train", "val", "test")
+SOURCE_ID = "source_id"  # token rows: the passage the prefix was cut from
 _SKIP_STDLIB_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "__pycache__"}
 _WS = re.compile(r"[ \t]+")
 
@@ -174,13 +176,29 @@ def build_passages(cfg: CorpusConfig) -> pa.Table:
         )
     # A hash order picks a deterministic, topic-mixed subset when capping.
     ids = sorted(by_id)[: cfg.max_passages]
-    return pa.table(
-        {
-            "passage_id": pa.array(ids, pa.string()),
-            "text": pa.array([by_id[i] for i in ids], pa.string()),
-            "split": pa.array([split_of(i, cfg.val_fraction, cfg.test_fraction) for i in ids], pa.string()),
-        }
-    )
+    texts = [by_id[i] for i in ids]
+    splits = [split_of(i, cfg.val_fraction, cfg.test_fraction) for i in ids]
+    if cfg.unit == Unit.token:
+        return _token_table(ids, texts, splits, cfg)
+    return pa.table({"passage_id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
+                     "split": pa.array(splits, pa.string())})
+
+
+def _token_table(ids: list[str], texts: list[str], splits: list[str], cfg: CorpusConfig) -> pa.Table:
+    if cfg.tokens_per_passage < 1 or cfg.min_context_words < 0:
+        raise DataError(f"corpus.tokens_per_passage={cfg.tokens_per_passage}, min_context_words={cfg.min_context_words}",
+                        "sample at least one word end per passage, after a non-negative number of words")
+    rows = list(token_rows(ids, texts, splits, cfg.tokens_per_passage, cfg.min_context_words))
+    if not rows:
+        raise DataError(f"no passage has more than {cfg.min_context_words} words to sample a token row from",
+                        "lower corpus.min_context_words or give longer passages")
+    columns = ("passage_id", "text", "split", SOURCE_ID)
+    return pa.table({name: pa.array([r[j] for r in rows], pa.string()) for j, name in enumerate(columns)})
+
+
+def is_token_table(table: pa.Table) -> bool:
+    """Rows are per-token prefixes (corpus.unit=token), not whole passages."""
+    return SOURCE_ID in table.column_names
 
 
 def fingerprint(passage_ids: Iterable[str]) -> str:

@@ -1,8 +1,9 @@
 """One explanation `z` per passage, from exactly ONE teacher per corpus.
 
 The teacher sees only the passage text, never an activation, and answers with one sentence naming
-the passage's topic and key entities (the seed's recipe). Mixing teachers in one corpus wrecked the
-seed's v3, so `teach` refuses a passages file that already carries another teacher's `z`, and
+the passage's topic and key entities (the seed's recipe). Token rows (corpus.unit=token) have the
+extractive `context` teacher instead: their word and the words before it (nla_universal/token_rows.py).
+Mixing teachers in one corpus wrecked the seed's v3, so `teach` refuses a passages file that already carries another teacher's `z`, and
 `check_single_teacher` guards the SFT stages.
 
 Replies are cached raw in an append-only JSONL file keyed by sha256(teacher id + filled prompt), so an
@@ -25,15 +26,16 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from .config import ModelSpec, opt
-from .corpus import SPLITS, read_passages, write_passages
+from .corpus import SPLITS, is_token_table, read_passages, write_passages
 from .errors import ConfigError, DataError, NLAError
 from .heads import HeadKind, idf, keywords, with_head
 from .http import Budget, BudgetSpent, endpoint_id, redact_url
+from .token_rows import context_explanation
 from .teacher_http import ChatClient, ChatReply, EndpointDown, complete_all
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hf", "openai")
+BACKENDS = ("hf", "openai", "context")
 DEFAULT_PROMPT = (
     "Describe the following passage in ONE sentence: name its topic and its key entities. "
     "Reply with that sentence only.\n\nPassage:\n{text}"
@@ -59,7 +61,9 @@ _SENTENCE_END = re.compile(r"[.!?][\"'\u201d)]*(?=\s|$)")
 class TeacherConfig:
     """Who writes the explanations `z` and how they are asked for."""
 
-    backend: str = opt("hf", "hf (a local causal LM, run here) | openai (any OpenAI-compatible chat endpoint)")
+    backend: str = opt("hf", "hf (a local causal LM, run here) | openai (any OpenAI-compatible chat endpoint) | "
+                       "context (token rows only: the row's last word and the words before it, no model; "
+                       "nla_universal/token_rows.py)")
     model: str = opt(
         "smollm2-135m-instruct",
         "openai: the model name sent to the endpoint (e.g. qwen/qwen3-8b); "
@@ -91,6 +95,7 @@ class TeacherConfig:
     head: HeadKind = opt(HeadKind.none, "what opens each explanation: none | keywords (the passage's top tf-idf words, "
                          "computed here — a head the activation determines; nla_universal/heads.py)")
     head_words: int = opt(3, "head=keywords: words in the head")
+    context_words: int = opt(8, "backend=context: words quoted up to and including the row's last word")
     replace: bool = opt(False, "discard explanations of another teacher already in passages.parquet")
 
 
@@ -118,6 +123,8 @@ def teacher_id(cfg: TeacherConfig) -> str:
     and path, so another server on the same host is another teacher — and, unless it is the default, a
     hash of the prompt. Explanations asked for with another prompt are another teacher's, so editing
     the prompt never keeps the old prompt's z."""
+    if cfg.backend == "context":
+        return f"context:{cfg.context_words}"
     who = f"{cfg.model}@{endpoint_id(cfg.base_url)}" if cfg.backend == "openai" else cfg.model
     asked = "" if cfg.prompt == DEFAULT_PROMPT else f"+prompt-{hashlib.sha256(cfg.prompt.encode()).hexdigest()[:8]}"
     return f"{cfg.backend}:{who}{asked}"
@@ -190,6 +197,9 @@ def check_single_teacher(table: pa.Table) -> str:
 def _check_config(cfg: TeacherConfig) -> None:
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"unknown teacher backend {cfg.backend!r}", f"use one of {BACKENDS}")
+    if cfg.backend == "context" and (cfg.head != HeadKind.none or cfg.context_words < 1):
+        raise ConfigError(f"teacher.backend=context with head={cfg.head}, context_words={cfg.context_words}",
+                          "leave teacher.head=none (the context teacher's head is the row's word) and quote ≥ 1 word")
     if "{text}" not in cfg.prompt:
         raise ConfigError("the teacher prompt has no {text} placeholder", "put {text} where the passage goes")
     unknown = sorted(set(cfg.splits) - set(SPLITS))
@@ -387,7 +397,8 @@ def teach(
     prompts: dict[str, str] = {}
     for i in eligible:
         if earlier[i] is None:
-            prompt = fill_prompt(cfg, texts[i])
+            # the context teacher reads the whole row: a prompt cut at max_input_chars could merge two rows
+            prompt = texts[i] if cfg.backend == "context" else fill_prompt(cfg, texts[i])
             keys[i] = ReplyCache.key(tid, prompt)
             prompts[keys[i]] = prompt
     from_cache = sum(1 for k in keys.values() if k in cache.replies)
@@ -395,7 +406,13 @@ def teach(
     log.info("teacher %s: %d passages need a z, %d cached, %d to ask", tid, len(keys), from_cache, len(jobs))
 
     failures: dict[str, str] = {}
-    if jobs:
+    replies = cache.replies
+    if cfg.backend == "context":  # extractive: computed here, nothing to ask or cache
+        if not is_token_table(table):
+            raise DataError(f"teacher.backend=context explains token rows, and {path} holds whole passages",
+                            "build the corpus with corpus.unit=token, or use the hf / openai teacher")
+        replies = {keys[i]: ChatReply(context_explanation(texts[i], cfg.context_words), False) for i in keys}
+    elif jobs:
         with tqdm(total=len(jobs), desc=f"teach {tid}", unit="passage", dynamic_ncols=True) as bar:
             if cfg.backend == "openai":
                 failures = _ask_openai(cfg, api_key, jobs, cache, bar)
@@ -407,7 +424,7 @@ def teach(
                          from_cache=from_cache, requested=len(jobs), valid=0, invalid=0, failed=0, seconds=0.0)
     idf_of = idf([t for t, s in zip(texts, splits) if s == "train"])
     for i, key in keys.items():
-        reply = cache.replies.get(key)
+        reply = replies.get(key)
         if reply is None:
             report.failed += 1
             reason = failures.get(key, "no reply")

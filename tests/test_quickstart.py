@@ -13,9 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nla_universal.config import resolve_config_path
+from nla_universal.errors import ConfigError
+from nla_universal.pipeline.quickstart import load_preset
 from nla_universal.pipeline.quickstart_report import diagnostics_markdown
 
 pytestmark = pytest.mark.slow
+
+
+def load_preset_text(name: str) -> str:
+    return resolve_config_path(name, "presets").read_text()
 
 METRICS = {"fve_centred", "fve_meannorm", "cos", "mse_nrm"}
 CONTROLS = {"mean_predictor", "shuffled_z", "teacher_z", "linear_ceiling"}
@@ -94,3 +101,18 @@ def test_killed_run_resumes_to_the_same_report(smoke_run, tmp_path):
     # The killed run's finished stages keep their time; the resumed run only checked them.
     assert timings["sft-av"]["runs"] == 2 and timings["sft-av"]["seconds"] > 1.0
     assert timings["refit-dec"]["runs"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "nla_universal" / "configs" / "presets").glob("*.yaml")))
+def test_every_shipped_preset_loads(name):
+    preset = load_preset(name)
+    assert preset.pool.anchor in preset.pool.tags and preset.add_model.model.tag not in preset.pool.tags
+
+
+def test_a_token_preset_with_a_pooled_entry_is_refused_before_anything_runs(tmp_path):
+    preset = yaml.safe_load(load_preset_text("tokens"))
+    preset["add_model"]["model"]["pool"] = "mean"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    with pytest.raises(ConfigError, match=r"\['gemma3-270m'\] do not use pool=last"):
+        load_preset(str(path))

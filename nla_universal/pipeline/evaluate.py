@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import io
 from ..adapters import PoolAdapters
 from ..config import choices, opt
-from ..corpus import split_ids
+from ..corpus import is_token_table, split_ids
 from ..errors import DataError
 from ..evaluate import linear_ceiling_predictions, score_tag
 from ..heads import split_head
@@ -127,13 +127,16 @@ def vector_gain(nla: UniversalNLA, rows: TagRows, batch_size: int) -> float:
     return nla.av.target_loss(v[derangement(len(rows), seed=1)], tags, texts, batch_size) - true
 
 
-def examples_markdown(examples: dict[str, list[tuple[str, str, str]]]) -> str:
+def examples_markdown(examples: dict[str, list[tuple[str, str, str]]], token_rows: bool = False) -> str:
     lines = ["## Example explanations (test split)", ""]
     for tag, rows in examples.items():
         lines.append(f"### {tag}")
         for passage, z, teacher in rows:
-            snippet = " ".join(passage.split())[:300]
-            lines += [f"- **passage**: {snippet}…", f"  - **AV**: {z}", f"  - **teacher**: {teacher}"]
+            if token_rows:  # the row is about its last word
+                lines.append(f"- **text**: …{' '.join(passage.split())[-200:]}")
+            else:
+                lines.append(f"- **passage**: {' '.join(passage.split())[:300]}…")
+            lines += [f"  - **AV**: {z}", f"  - **teacher**: {teacher}"]
         lines.append("")
     return "\n".join(lines)
 
@@ -189,6 +192,6 @@ def run(cfg: EvalConfig) -> dict:
     files = write_report(results, out, title=f"Universal NLA round trip — test split ({ws.bundle_dir})",
                          held_out={t: i.held_out for t, i in nla.meta.tags.items()},
                          random_weights={m.tag: m.source == "random" for m in ws.pool.models},
-                         extra_md=note + "\n\n" + examples_markdown(examples))
+                         extra_md=note + "\n\n" + examples_markdown(examples, is_token_table(table)))
     st.finish(bundle_stages=nla.meta.stages, results=results, files={k: str(v) for k, v in files.items()})
     return {"results": results, "files": files, "examples": examples}

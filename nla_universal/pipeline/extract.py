@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, activations, io
 from ..config import ModelSpec, Pooling, opt
-from ..corpus import fingerprint
+from ..corpus import fingerprint, is_token_table
 from ..errors import ConfigError, DataError, NLAError
 from ..extract import extract_shard
 from ..models import LoadedModel, describe_model, load_model
@@ -95,6 +95,15 @@ def _prepare_folder(folder: Path, identity: dict, overwrite: bool) -> None:
     )
 
 
+def check_untruncated(lm: LoadedModel, ids: list[str], texts: list[str]) -> None:
+    """Token rows must fit in max_length: truncation would cut off the very token the row is about."""
+    lengths = [len(row) for row in lm.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    long = [(i, n) for i, n in zip(ids, lengths) if n > lm.spec.max_length]
+    if long:
+        raise DataError(f"{lm.spec.tag}: {len(long)} token rows exceed max_length={lm.spec.max_length} tokens, e.g. "
+                        f"{long[0][0]} ({long[0][1]} tokens)", "lower corpus.max_chars, or raise max_length of this pool entry")
+
+
 def extract_tag(ws: Workspace, spec: ModelSpec, passages, cfg: ExtractConfig) -> Path:
     folder = activations.tag_dir(ws.activations_root, spec.tag)
     if io.is_complete(folder) and not cfg.overwrite:
@@ -102,8 +111,14 @@ def extract_tag(ws: Workspace, spec: ModelSpec, passages, cfg: ExtractConfig) ->
         return folder
     ids = passages.column("passage_id").to_pylist()
     texts = passages.column("text").to_pylist()
+    token_rows = is_token_table(passages)
+    if token_rows and spec.pool != Pooling.last:
+        raise ConfigError(f"{spec.tag}: pool={spec.pool}, but {ws.passages_path} holds token rows (corpus.unit=token)",
+                          f"set pool: last for {spec.tag}: a token row's vector is its last token's")
     started = time.time()
     lm = load_model(spec, cache_dir=ws.run.cache_dir, num_blocks="to_layer")
+    if token_rows:
+        check_untruncated(lm, ids, texts)
     lm.model.to(ws.device)
     identity = _identity(lm, fingerprint(ids))
     _prepare_folder(folder, identity, cfg.overwrite)

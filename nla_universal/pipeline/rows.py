@@ -14,8 +14,10 @@ def tag_rows(acts: Activations, table, split: str, *, need_z: bool, limit: int |
     """Rows of `split` for `acts.tag` in the corpus's passage order; with need_z, only passages that have a z."""
     tag = acts.tag
     if acts.positions is not None:
-        raise DataError(f"{tag}: activations were extracted with pool=positions",
-                        "the NLA stages read one row per passage: use pool mean or last")
+        raise DataError(f"{tag}: activations were extracted with pool=positions, whose token positions do not "
+                        "correspond across tokenizers",
+                        "for per-token vectors build the corpus with corpus.unit=token and extract with pool=last "
+                        "(the `tokens` quickstart preset); for passage vectors use pool mean or last")
     index = {p: i for i, p in enumerate(acts.passage_ids)}
     ids = table.column("passage_id").to_pylist()
     splits = table.column("split").to_pylist()
