@@ -24,7 +24,8 @@ NOTES = (
     "≤ 0 on fve_centred, not 0. Δ is prediction − control on fve_centred, paired bootstrap 95% interval. "
     "map_alone: the AV's input map read without the AV (the nearest explanation words to the mapped row, "
     "read back by the AR). vector_gain: the AV's loss on the teacher's z with another passage's vector minus "
-    "with its own, nats per token (> 0 only when the AV reads the vector)."
+    "with its own, nats per token (> 0 only when the AV reads the vector), on the first eval.vector_gain_passages "
+    "test passages of the tag."
 )
 
 

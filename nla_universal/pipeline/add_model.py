@@ -64,7 +64,7 @@ def run(cfg: AddModelConfig) -> dict:
     if st.done:
         return st.record
     pool = extended_pool(ws.pool, spec)
-    nla = ws.open_bundle("sft-ar", "sft-av")
+    nla = ws.open_bundle("sft-ar", "sft-av", generate_batch_size=cfg.generate_batch_size)
     if spec.tag in nla.meta.tags:
         raise ConfigError(f"the bundle already has tag {spec.tag!r}", "pick another tag (or use a fresh copy of the bundle)")
     check_models([pool.spec(spec.tag)], ws.run.cache_dir)

@@ -51,7 +51,9 @@ class EvalConfig:
     tags: list[str] = opt(help="score only these tags (default: all)", factory=list)
     test_passages: int = opt(0, "test passages per tag (0 = all)")
     max_new_tokens: int = opt(48, "AV generation length")
-    generate_batch_size: int = opt(8, "AV prompts per generate call")
+    generate_batch_size: int = opt(8, "AV prompts generated together (and teacher-forced together for vector_gain)")
+    vector_gain_passages: int = opt(32, "test passages per tag whose teacher z is scored for vector_gain (0 = all): "
+                                    "two teacher-forced passes each, the eval's costliest part after generation")
     n_boot: int = opt(1000, "bootstrap resamples for the intervals")
     out: str = opt("", "report folder (default: run_dir/eval-<predictor>)")
 
@@ -82,7 +84,7 @@ def score_bundle_tag(nla: UniversalNLA, ws: Workspace, table, tag: str, cfg: Eva
     scores["parsed_share"] = float(np.mean(parsed))
     if any(split_head(t)[0] for t in test.z if t):
         scores["head_words_in_passage"] = head_hits(z, [by_id[p] for p in test.ids])
-    with_z = [i for i, z in enumerate(test.z) if z]
+    with_z = [i for i, z in enumerate(test.z) if z][:cfg.vector_gain_passages or None]
     if len(with_z) >= 2:
         scores["vector_gain"] = vector_gain(nla, TagRows(tag, [test.ids[i] for i in with_z], test.H[with_z],
                                                          [test.z[i] for i in with_z]), cfg.generate_batch_size)
@@ -177,7 +179,7 @@ def run(cfg: EvalConfig) -> dict:
     if st.done and st.record.get("bundle_stages") == bundle_stages and (out / "fve_report.json").is_file():
         return {"results": st.record["results"], "files": {k: Path(v) for k, v in st.record["files"].items()}}
     table = ws.passages()
-    nla = ws.open_bundle("sft-ar", "sft-av", "refit-dec")
+    nla = ws.open_bundle("sft-ar", "sft-av", "refit-dec", generate_batch_size=cfg.generate_batch_size)
     linear = ws.adapters() if (ws.adapters_dir / io.MANIFEST).is_file() else None
     tags = cfg.tags or list(nla.meta.tags)
     results, examples = {}, {}

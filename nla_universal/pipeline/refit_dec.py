@@ -89,7 +89,7 @@ def run(cfg: RefitConfig) -> dict:
     if st.done:
         return st.record
     table = ws.passages(need_z=cfg.source == RefitSource.teacher)
-    nla = ws.open_bundle("sft-ar", "sft-av")
+    nla = ws.open_bundle("sft-ar", "sft-av", generate_batch_size=cfg.generate_batch_size)
     tags = cfg.tags or [t for t in nla.meta.tags if cfg.refit_anchor or t != nla.meta.anchor_tag]
     reports = {}
     for tag in tags:

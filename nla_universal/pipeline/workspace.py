@@ -166,12 +166,14 @@ class Workspace:
     def stage(self, name: str, *configs) -> "StageRun":
         return StageRun(self, name, settings(*configs))
 
-    def open_bundle(self, *require: str, parts=("av", "ar")) -> UniversalNLA:
-        """The run's bundle, after checking that each required stage finished and wrote it."""
+    def open_bundle(self, *require: str, parts=("av", "ar"), generate_batch_size: int = 8) -> UniversalNLA:
+        """The run's bundle, after checking that each required stage finished and wrote it; its AV
+        generates `generate_batch_size` prompts at a time."""
         if not (self.bundle_dir / "nla_meta.yaml").is_file():
             first = require[0] if require else "sft-ar"
             raise DataError(f"no bundle in {self.bundle_dir}", f"run `nla-universal {first}` first (sft-ar creates the bundle)")
-        nla = UniversalNLA.load(self.bundle_dir, cache_dir=self.run.cache_dir, parts=parts, trained=False)
+        nla = UniversalNLA.load(self.bundle_dir, cache_dir=self.run.cache_dir, parts=parts, trained=False,
+                                generate_batch_size=generate_batch_size)
         self.check_bundle_stages(nla.meta, require)
         if nla.meta.anchor_tag != self.pool.anchor:
             raise ConfigError(
