@@ -3,8 +3,8 @@
 The teacher sees only the passage text, never an activation, and answers with one sentence naming
 the passage's topic and key entities (the seed's recipe). Token rows (corpus.unit=token) have the
 extractive `context` teacher instead: their word and the words before it (nla_universal/token_rows.py).
-Mixing teachers in one corpus wrecked the seed's v3, so `teach` refuses a passages file that already carries another teacher's `z`, and
-`check_single_teacher` guards the SFT stages.
+Mixing teachers in one corpus wrecked the seed's v3, so `teach` refuses a passages file that already
+carries another teacher's `z`, and `check_single_teacher` guards the SFT stages.
 
 Replies are cached raw in an append-only JSONL file keyed by sha256(teacher id + filled prompt), so an
 interrupted run resumes where it stopped and a change of the validation bounds needs no new request.

@@ -14,12 +14,14 @@ from safetensors.torch import load_file
 from nla_universal.config import ModelSpec
 from nla_universal.corpus import read_passages, write_passages
 from nla_universal.errors import ConfigError, DataError
+from nla_universal.nla.av import AV
 from nla_universal.pipeline import add_model, evaluate, refit_dec, sft_ar, sft_av
 from nla_universal.pipeline.add_model import AddModelConfig
 from nla_universal.pipeline.evaluate import EvalConfig
 from nla_universal.pipeline.refit_dec import RefitConfig
 from nla_universal.pipeline.sft_av import AVSFTConfig
 from nla_universal.pipeline.workspace import RunConfig
+from nla_universal.rollout import HFRolloutEngine
 from nla_universal.train import loop as loop_module
 from nla_universal.train.loop import LoopConfig
 from nla_universal.train.sft import collapse_alarm, swapped_vectors
@@ -128,7 +130,7 @@ def assert_installed_decoder_scores_as_reported(run: Path, tag: str, reported: f
     assert fve_centred(val.H, pred, normalised_mean(train.H)) == pytest.approx(reported, abs=2e-3)  # float32 decoder vs float64 fit
 
 
-def test_refit_add_model_and_eval(prepared, tmp_path):
+def test_refit_add_model_and_eval(prepared, tmp_path, monkeypatch):
     run = copy_run(prepared, tmp_path / "run")
     ar_sft(run, steps=4)
     av_sft(run)
@@ -149,7 +151,11 @@ def test_refit_add_model_and_eval(prepared, tmp_path):
     meta = yaml.safe_load((run / "bundle" / "nla_meta.yaml").read_text())
     assert meta["tags"]["tiny-qwen3"]["held_out"] is True and meta["tags"]["tiny-gpt2"]["held_out"] is False
     assert (run / "bundle" / "adapters" / "refit_tiny-qwen3.json").is_file()
-    result = run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=8, n_boot=50, test_passages=8))
+    batches, scored = spy(monkeypatch, HFRolloutEngine, "_generate_batch", lambda embeds, *_: len(embeds)), \
+        spy(monkeypatch, AV, "target_loss", lambda vectors, *_: len(vectors))
+    result = run_eval(EvalConfig(run=run_cfg(run), max_new_tokens=8, n_boot=50, test_passages=10,
+                                 generate_batch_size=10, vector_gain_passages=5))
+    assert max(batches) == 10 and set(scored) == {5}, "eval must generate and score as many as it is told"
     for tag in ("tiny-llama", "tiny-gpt2", "tiny-qwen3"):
         r = result["results"][tag]
         assert {"shuffled_z", "teacher_z", "mean_predictor", "map_alone"} <= set(r["controls"])
@@ -158,6 +164,18 @@ def test_refit_add_model_and_eval(prepared, tmp_path):
     assert "linear_ceiling" in result["results"]["tiny-qwen3"]["controls"]
     report = json.loads((run / "eval-nla" / "fve_report.json").read_text())
     assert report["tags"]["tiny-qwen3"]["held_out"] is True if "tags" in report else True
+
+
+def spy(monkeypatch, cls, name: str, measure) -> list:
+    """Wrap `cls.name` to record `measure(*args)` of every call."""
+    seen, original = [], getattr(cls, name)
+
+    def wrapped(self, *args, **kw):
+        seen.append(measure(*args))
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(cls, name, wrapped)
+    return seen
 
 
 def test_verbalize_text_matches_the_stored_activation_of_that_text(prepared, tmp_path):
