@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import choices, opt
+from ..heads import split_head
 from ..nla.api import UniversalNLA
 from ..nla.input_map import bag_targets, fit_input_map
 from ..activations import TagRows
@@ -30,6 +31,7 @@ STAGE = "sft-av"
 
 class InputMapMode(enum.StrEnum):
     bag = "bag"  # fit W v + b onto the mean embedding of the explanation's words
+    head = "head"  # ... of its head's words only (what the vector determines), the whole z where it has no head
     none = "none"  # inject the shared vector as it is (the AV reads nothing at CPU scale: measured)
 
 
@@ -44,7 +46,8 @@ class AVSFTConfig:
     collapse_threshold: float = opt(0.5, "warn when the share of distinct explanations falls below this")
     max_new_tokens: int = opt(48, "generation length at eval")
     input_map: InputMapMode = opt(InputMapMode.bag, f"the AV's input map: {choices(InputMapMode)} (bag: a ridge map from "
-                                  "the shared vector to the mean token embedding of its explanation's words)")
+                                  "the shared vector to the mean token embedding of its explanation's words; head: of "
+                                  "the words of its head only, e.g. a token row's own word)")
     train_input_map: bool = opt(False, "train the input map jointly with the AV's LoRA (else it stays as fitted)")
     input_map_lr: float = opt(1e-4, "learning rate of the input map when train_input_map")
 
@@ -65,9 +68,9 @@ def run(cfg: AVSFTConfig) -> dict:
     return st.finish(final=final, input_map=input_map, examples=sum(len(r) for r in rows.values()))
 
 
-def z_fingerprint(nla: UniversalNLA, rows: dict[str, TagRows]) -> str:
-    """Names the (teacher, passages, z) a map was fitted on: another teacher's z need another map."""
-    h = hashlib.sha256(str(nla.meta.teacher_id).encode())
+def z_fingerprint(nla: UniversalNLA, rows: dict[str, TagRows], mode: InputMapMode) -> str:
+    """Names the (teacher, passages, z, target) a map was fitted on: other z or targets need another map."""
+    h = hashlib.sha256(str(nla.meta.teacher_id).encode() + (b"" if mode == InputMapMode.bag else str(mode).encode()))
     for tag in sorted(rows):
         h.update(json.dumps([tag, rows[tag].ids, rows[tag].z]).encode())
     return h.hexdigest()[:16]
@@ -78,20 +81,23 @@ def ensure_input_map(nla: UniversalNLA, rows: dict[str, TagRows], val: dict[str,
     if mode == InputMapMode.none:
         nla.set_input_map(None, None)
         return None
-    fingerprint = z_fingerprint(nla, rows)
+    fingerprint = z_fingerprint(nla, rows, mode)
     current = nla.meta.av.input_map or {}
     if current.get("fingerprint") == fingerprint and nla.av.input_map is not None:
         return current
 
     def stacked(part: dict[str, TagRows]) -> tuple[np.ndarray, np.ndarray]:
         V = np.concatenate([nla.encode(r.H, t).double().numpy() for t, r in part.items()])
-        Y = bag_targets(nla.av.tokenizer, nla.av.embedding, [z for r in part.values() for z in r.z])
+        texts = [z for r in part.values() for z in r.z]
+        if mode == InputMapMode.head:
+            texts = [" ".join(split_head(z)[0]) or z for z in texts]
+        Y = bag_targets(nla.av.tokenizer, nla.av.embedding, texts)
         return V, Y
 
     (V, Y), (V_val, Y_val) = stacked(rows), stacked(val)
     input_map, report = fit_input_map(V, Y, V_val, Y_val)
     report = {"kind": str(mode), "fingerprint": fingerprint, **report}
-    log.info("sft-av: input map fitted (val FVE of the bag %.3f; %.3f from other passages' vectors)",
-             report["val_fve"], report["val_fve_shuffled"])
+    log.info("sft-av: input map fitted (%s: val FVE of the bag %.3f; %.3f from other passages' vectors)",
+             mode, report["val_fve"], report["val_fve_shuffled"])
     nla.set_input_map(input_map, report)
     return report
