@@ -127,3 +127,11 @@ def test_a_ridge_chosen_at_the_top_of_the_grid_is_flagged(caplog):
     W = rng.standard_normal((6, 40))
     _, signal = fit_input_map(V[:40], V[:40] @ W.T, V[40:], V[40:] @ W.T)
     assert not signal["at_top"]
+
+
+def test_the_head_mode_maps_onto_the_head_words_only():
+    from nla_universal.pipeline.sft_av import InputMapMode, map_targets
+
+    z = ['Keywords: pickle. It reads "objects with the pickle".', "A sentence without a head."]
+    assert map_targets(z, InputMapMode.head) == ["pickle", "A sentence without a head."]
+    assert map_targets(z, InputMapMode.bag) == z

@@ -76,6 +76,13 @@ def z_fingerprint(nla: UniversalNLA, rows: dict[str, TagRows], mode: InputMapMod
     return h.hexdigest()[:16]
 
 
+def map_targets(explanations: list[str], mode: InputMapMode) -> list[str]:
+    """The text whose bag each vector is mapped onto: the whole z, or (head) its head's words if it has a head."""
+    if mode == InputMapMode.head:
+        return [" ".join(split_head(z)[0]) or z for z in explanations]
+    return list(explanations)
+
+
 def ensure_input_map(nla: UniversalNLA, rows: dict[str, TagRows], val: dict[str, TagRows], mode: InputMapMode) -> dict | None:
     """The AV's input map for these z: kept when the bundle's was fitted on them, else fitted now."""
     if mode == InputMapMode.none:
@@ -88,10 +95,7 @@ def ensure_input_map(nla: UniversalNLA, rows: dict[str, TagRows], val: dict[str,
 
     def stacked(part: dict[str, TagRows]) -> tuple[np.ndarray, np.ndarray]:
         V = np.concatenate([nla.encode(r.H, t).double().numpy() for t, r in part.items()])
-        texts = [z for r in part.values() for z in r.z]
-        if mode == InputMapMode.head:
-            texts = [" ".join(split_head(z)[0]) or z for z in texts]
-        Y = bag_targets(nla.av.tokenizer, nla.av.embedding, texts)
+        Y = bag_targets(nla.av.tokenizer, nla.av.embedding, map_targets([z for r in part.values() for z in r.z], mode))
         return V, Y
 
     (V, Y), (V_val, Y_val) = stacked(rows), stacked(val)
