@@ -30,8 +30,8 @@ from .corpus import SPLITS, is_token_table, read_passages, write_passages
 from .errors import ConfigError, DataError, NLAError
 from .heads import HeadKind, idf, keywords, with_head
 from .http import Budget, BudgetSpent, endpoint_id, redact_url
-from .token_rows import context_explanation
 from .teacher_http import ChatClient, ChatReply, EndpointDown, complete_all
+from .token_rows import context_explanation
 
 log = logging.getLogger(__name__)
 
