@@ -402,7 +402,7 @@ def teach(
             keys[i] = ReplyCache.key(tid, prompt)
             prompts[keys[i]] = prompt
     from_cache = sum(1 for k in keys.values() if k in cache.replies)
-    jobs = [(k, p) for k, p in prompts.items() if k not in cache.replies]
+    jobs = [] if cfg.backend == "context" else [(k, p) for k, p in prompts.items() if k not in cache.replies]
     log.info("teacher %s: %d passages need a z, %d cached, %d to ask", tid, len(keys), from_cache, len(jobs))
 
     failures: dict[str, str] = {}

@@ -95,7 +95,7 @@ def test_the_context_teacher_writes_the_word_then_the_words_before_it(token_run,
     path.write_bytes((token_run / "passages.parquet").read_bytes())
     report = teach(path, TeacherConfig(backend="context", context_words=4), cache_dir=tmp_path / "cache")
     table = pq.read_table(path)
-    assert report.valid == table.num_rows and report.teacher == "context:4"
+    assert report.valid == table.num_rows and report.teacher == "context:4" and report.requested == 0
     for text, z in zip(table.column("text").to_pylist(), table.column("z").to_pylist()):
         head, rest = split_head(z)
         assert head == [re.findall(r"[A-Za-z][A-Za-z0-9_]{2,}", text)[-1].lower()]
