@@ -20,7 +20,7 @@ from nla_universal.pipeline.extract import run as extract
 from nla_universal.pipeline.rows import tag_rows
 from nla_universal.pipeline.workspace import RunConfig
 from nla_universal.teacher import TeacherConfig, teach
-from nla_universal.token_rows import context_explanation
+from nla_universal.token_rows import context_explanation, token_rows
 
 TINY = [
     {"tag": "tiny-llama", "source": "random", "name": "llama", "layer": 1, "pool": "last"},
@@ -31,19 +31,31 @@ TOKENS = dict(max_passages=20, max_chars=600, unit="token", tokens_per_passage=3
 
 
 @pytest.fixture(scope="module")
-def token_run(tmp_path_factory) -> Path:
+def passages():
+    """The whole passages the token rows are cut from (building the corpus walks the stdlib: once)."""
+    return build_passages(CorpusConfig(max_passages=20, max_chars=600))
+
+
+@pytest.fixture(scope="module")
+def token_table():
+    return build_passages(CorpusConfig(**TOKENS))
+
+
+@pytest.fixture(scope="module")
+def token_run(tmp_path_factory, token_table) -> Path:
     run = tmp_path_factory.mktemp("tokens")
-    write_passages(build_passages(CorpusConfig(**TOKENS)), run / "passages.parquet")
+    write_passages(token_table, run / "passages.parquet")
     (run / "pool.yaml").write_text(yaml.safe_dump({"anchor": "tiny-llama", "models": TINY}))
     extract(ExtractConfig(run=RunConfig(run_dir=str(run), pool=str(run / "pool.yaml")), batch_size=8))
     return run
 
 
-def test_token_rows_are_prefixes_ending_at_a_word_in_their_passages_split_and_reproducible():
-    passages = build_passages(CorpusConfig(max_passages=20, max_chars=600))
-    rows = build_passages(CorpusConfig(**TOKENS))
+def test_token_rows_are_prefixes_ending_at_a_word_in_their_passages_split_and_reproducible(passages, token_table):
+    rows = token_table
     assert is_token_table(rows) and not is_token_table(passages)
-    assert rows.equals(build_passages(CorpusConfig(**TOKENS)))
+    columns = [passages.column(c).to_pylist() for c in ("passage_id", "text", "split")]
+    again = list(token_rows(*columns, TOKENS["tokens_per_passage"], TOKENS["min_context_words"]))
+    assert [r[0] for r in again] == rows.column("passage_id").to_pylist()
     source = {p: (t, s) for p, t, s in zip(*(passages.column(c).to_pylist() for c in ("passage_id", "text", "split")))}
     ids = rows.column("passage_id").to_pylist()
     assert len(set(ids)) == len(ids) == 3 * passages.num_rows
@@ -54,12 +66,11 @@ def test_token_rows_are_prefixes_ending_at_a_word_in_their_passages_split_and_re
         assert len(re.findall(r"[A-Za-z][A-Za-z0-9_]{2,}", text)) > TOKENS["min_context_words"]
 
 
-def test_a_token_rows_vector_is_that_tokens_vector_inside_the_whole_passage(token_run):
+def test_a_token_rows_vector_is_that_tokens_vector_inside_the_whole_passage(token_run, passages):
     """The claim the unit rests on: the prefix's last-token state equals the state of the same token in
     the full passage, for every tokenizer — so rows correspond across models by character offset."""
     table = pq.read_table(token_run / "passages.parquet")
-    full = dict(zip(*(build_passages(CorpusConfig(max_passages=20, max_chars=600)).column(c).to_pylist()
-                      for c in ("passage_id", "text"))))
+    full = dict(zip(*(passages.column(c).to_pylist() for c in ("passage_id", "text"))))
     for spec in load_pool(token_run / "pool.yaml").models:
         acts = activations.read_activations(token_run / "activations", spec.tag)
         assert acts.passage_ids == table.column("passage_id").to_pylist()
