@@ -18,7 +18,8 @@ from collections import Counter
 from typing import Sequence
 
 PREFIX = "Keywords: "
-_WORD = re.compile(r"[a-z][a-z0-9_]{2,}")
+# A word, as heads, the input map's bags and token rows all count it: a letter, then 2+ letters, digits or _.
+WORD = re.compile(r"[a-z][a-z0-9_]{2,}", re.I)
 _HEAD = re.compile(r"^Keywords:\s*([^.]*)\.\s*", re.I)
 
 
@@ -29,13 +30,13 @@ class HeadKind(enum.StrEnum):
 
 def idf(texts: Sequence[str]) -> dict[str, float]:
     """Inverse document frequency of every word of `texts` (the train split's)."""
-    df = Counter(w for t in texts for w in set(_WORD.findall(t.lower())))
+    df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
     return {w: math.log(len(texts) / n) for w, n in df.items()}
 
 
 def keywords(text: str, idf_of: dict[str, float], k: int) -> list[str]:
     """The `k` words of `text` with the highest tf-idf (unseen words count as the rarest), ties by the word."""
-    tf = Counter(_WORD.findall(text.lower()))
+    tf = Counter(WORD.findall(text.lower()))
     rarest = max(idf_of.values(), default=0.0)
     return sorted(tf, key=lambda w: (-tf[w] * idf_of.get(w, rarest), w))[:k]
 

@@ -15,14 +15,11 @@ the words that lead up to it —
 
 from __future__ import annotations
 
-import re
 from typing import Iterator
 
 import numpy as np
 
-from .heads import with_head
-
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,}")
+from .heads import WORD, with_head
 
 
 def row_id(passage_id: str, end: int) -> str:
@@ -31,7 +28,7 @@ def row_id(passage_id: str, end: int) -> str:
 
 def word_ends(text: str, min_context_words: int) -> list[int]:
     """Character offsets just after each word of 3+ characters, skipping the first `min_context_words`."""
-    return [m.end() for m in _WORD.finditer(text)][min_context_words:]
+    return [m.end() for m in WORD.finditer(text)][min_context_words:]
 
 
 def sample_ends(passage_id: str, text: str, k: int, min_context_words: int) -> list[int]:
@@ -52,7 +49,7 @@ def token_rows(ids: list[str], texts: list[str], splits: list[str], k: int,
 
 def context_explanation(prefix: str, context_words: int) -> str:
     """The token row's target: its last word as the head, then the last `context_words` words quoted."""
-    found = list(_WORD.finditer(prefix))
+    found = list(WORD.finditer(prefix))
     if not found or found[-1].end() != len(prefix):
         raise ValueError(f"a token row must end with a word of 3+ characters: {prefix[-40:]!r}")
     context = " ".join(prefix.split()[-context_words:])

@@ -93,7 +93,7 @@ def test_token_rows_need_pool_last_and_may_not_be_truncated(token_run, tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "passages.parquet").write_bytes((token_run / "passages.parquet").read_bytes())
-    for entry, problem in ((dict(TINY[0], pool="mean"), "pool=mean"), (dict(TINY[0], max_length=16), "exceed max_length=16")):
+    for entry, problem in ((dict(TINY[0], pool="mean"), "['tiny-llama'] do not use pool=last"), (dict(TINY[0], max_length=16), "exceed max_length=16")):
         (run / "pool.yaml").write_text(yaml.safe_dump({"anchor": "tiny-llama", "models": [entry]}))
         with pytest.raises((ConfigError, DataError)) as err:
             extract(ExtractConfig(run=RunConfig(run_dir=str(run), pool=str(run / "pool.yaml"))))

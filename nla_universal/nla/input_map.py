@@ -14,7 +14,6 @@ Its λ is chosen on val with the project's solver; the fit report says how much 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from .. import io
 from ..errors import DataError
+from ..heads import WORD
 from ..lstsq import fit_linear_path
 from ..metrics import derangement
 
@@ -34,7 +34,6 @@ INPUT_MAP_FILE = "input_map.safetensors"
 # × mean(diag VᵀV): v has ~d features and a few hundred train rows. It reaches 100 because the default
 # quickstart's passage vectors chose 10, the top of the earlier grid (val FVE −0.03 at 1, +0.012 at 10).
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-_WORD = re.compile(r"[a-z][a-z0-9_]{2,}")
 
 
 class InputMap(nn.Module):
@@ -75,7 +74,7 @@ class InputMap(nn.Module):
 
 def words(text: str) -> list[str]:
     """The distinct words of a text (lower-case, 3+ characters), sorted: the bag's vocabulary."""
-    return sorted(set(_WORD.findall(text.lower())))
+    return sorted(set(WORD.findall(text.lower())))
 
 
 def bag_embedding(tokenizer, embedding: nn.Module, text: str) -> torch.Tensor:

@@ -95,6 +95,14 @@ def _prepare_folder(folder: Path, identity: dict, overwrite: bool) -> None:
     )
 
 
+def check_token_pooling(specs: list[ModelSpec], where: str) -> None:
+    """Token rows (corpus.unit=token) need pool=last on every entry: a token row's vector is its last token's."""
+    wrong = [s.tag for s in specs if s.pool != Pooling.last]
+    if wrong:
+        raise ConfigError(f"{where} holds token rows (corpus.unit=token), but {wrong} do not use pool=last",
+                          "set pool: last on those entries: a token row's vector is its last token's")
+
+
 def check_untruncated(lm: LoadedModel, ids: list[str], texts: list[str]) -> None:
     """Token rows must fit in max_length: truncation would cut off the very token the row is about."""
     lengths = [len(row) for row in lm.tokenizer(texts, add_special_tokens=True)["input_ids"]]
@@ -112,9 +120,8 @@ def extract_tag(ws: Workspace, spec: ModelSpec, passages, cfg: ExtractConfig) ->
     ids = passages.column("passage_id").to_pylist()
     texts = passages.column("text").to_pylist()
     token_rows = is_token_table(passages)
-    if token_rows and spec.pool != Pooling.last:
-        raise ConfigError(f"{spec.tag}: pool={spec.pool}, but {ws.passages_path} holds token rows (corpus.unit=token)",
-                          f"set pool: last for {spec.tag}: a token row's vector is its last token's")
+    if token_rows:
+        check_token_pooling([spec], str(ws.passages_path))
     started = time.time()
     lm = load_model(spec, cache_dir=ws.run.cache_dir, num_blocks="to_layer")
     if token_rows:

@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from .. import io
-from ..errors import ConfigError, DataError
-from ..config import PoolConfig, Pooling, Unit, default_cache_dir, load_config, opt, resolve_config_path, validate_pool
+from ..errors import DataError
+from ..config import PoolConfig, Unit, default_cache_dir, load_config, opt, resolve_config_path, validate_pool
 from . import add_model, corpus, evaluate, extract, fit_adapters, refit_dec, rl, sft_ar, sft_av, teach
 from .add_model import AddModelConfig
 from .corpus import CorpusStageConfig
@@ -64,10 +64,7 @@ def load_preset(name_or_path: str) -> Preset:
     preset = load_config(Preset, [str(resolve_config_path(name_or_path, "presets"))])
     validate_pool(preset.pool)
     if preset.corpus.corpus.unit == Unit.token:  # caught here, not by extract an hour in (add-model runs last)
-        wrong = [m.tag for m in [*preset.pool.models, preset.add_model.model] if m.pool != Pooling.last]
-        if wrong:
-            raise ConfigError(f"preset {name_or_path}: corpus.unit=token, but {wrong} do not use pool=last",
-                              "set pool: last on those entries: a token row's vector is its last token's")
+        extract.check_token_pooling([*preset.pool.models, preset.add_model.model], f"preset {name_or_path}")
     return preset
 
 
